@@ -1,0 +1,1 @@
+"""From raw audio and (pseudo-)transcripts to batches of tensors. Never imports omni_ds."""

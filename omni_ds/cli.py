@@ -1,0 +1,44 @@
+"""The ``omni-ds`` command line: one subcommand per workflow.
+
+Each subcommand lives in ``omni_ds/commands/<name>.py`` and provides ``add_arguments(parser)`` and
+``run(args) -> int``; its module docstring's first line is its help. Heavy imports stay inside
+``run`` so that ``omni-ds --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name on the command line -> module under omni_ds.commands
+COMMANDS: dict[str, str] = {
+    "env": "env",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni-ds",
+        description="Train and evaluate Omni-router MoE CTC speech recognisers with DeepSpeed.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"omni_ds.commands.{module_name}")
+        doc = (module.__doc__ or "").strip()
+        help_line = doc.splitlines()[0] if doc else ""
+        p = sub.add_parser(
+            name, help=help_line, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
