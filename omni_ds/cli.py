@@ -28,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip()
         help_line = doc.splitlines()[0] if doc else ""
         p = sub.add_parser(
-            name, help=help_line, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=help_line,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

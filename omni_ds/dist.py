@@ -136,7 +136,9 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=int(environ.get("MASTER_PORT") or 20000 + job_id % 20000),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT") or free_port()), "single")
+    return LaunchEnv(
+        0, 1, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT") or free_port()), "single"
+    )
 
 
 def _skip_shm_comm_build() -> None:

@@ -32,7 +32,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 class RankFailure(AssertionError):
@@ -58,7 +65,9 @@ def rank_environ(
 ) -> dict[str, str]:
     """The environment torchrun would give ``rank``; ``nodes`` > 1 simulates several hosts."""
     local = nprocs // nodes
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _LAUNCH_VARS}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _LAUNCH_VARS
+    }
     env.update(
         RANK=str(rank),
         WORLD_SIZE=str(nprocs),
@@ -92,7 +101,12 @@ class RankGroup:
             self._files.append((out, err))
             self.procs.append(
                 subprocess.Popen(
-                    list(argv), env=dict(env), cwd=cwd, stdout=out, stderr=err, start_new_session=True
+                    list(argv),
+                    env=dict(env),
+                    cwd=cwd,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
                 )
             )
 
@@ -115,7 +129,9 @@ class RankGroup:
         out, err = self._files[rank]
         out.flush()
         err.flush()
-        return (self.logdir / f"rank{rank}.out").read_text(), (self.logdir / f"rank{rank}.err").read_text()
+        return (self.logdir / f"rank{rank}.out").read_text(), (
+            self.logdir / f"rank{rank}.err"
+        ).read_text()
 
     def _report(self, headline: str) -> str:
         parts = [headline]
@@ -137,7 +153,9 @@ class RankGroup:
                 raise RankFailure(self._report(f"rank(s) {failed} failed"))
             if time.monotonic() > deadline:
                 self.kill()
-                raise RankFailure(self._report(f"ranks still running after {timeout:.0f} s (hang?)"))
+                raise RankFailure(
+                    self._report(f"ranks still running after {timeout:.0f} s (hang?)")
+                )
             time.sleep(0.05)
         results = [RankResult(r, p.returncode, *self._read(r)) for r, p in enumerate(self.procs)]
         if check and any(r.returncode != 0 for r in results):
@@ -171,7 +189,9 @@ def start_command(
     return RankGroup([argv] * nprocs, envs, cwd=cwd)
 
 
-def run_command(argv: Sequence[str], nprocs: int, *, timeout: float = 300.0, check: bool = True, **kw):
+def run_command(
+    argv: Sequence[str], nprocs: int, *, timeout: float = 300.0, check: bool = True, **kw
+):
     with start_command(argv, nprocs, **kw) as group:
         return group.wait(timeout=timeout, check=check)
 

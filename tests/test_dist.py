@@ -146,7 +146,9 @@ def _moe_ep2_forward_backward() -> dict:
         "rank": info.rank,
         "finite": bool(torch.isfinite(out).all() and torch.isfinite(l_aux)),
         "out_diff": (out - ref_out).abs().max().item(),
-        "gate_grad_diff": (moe.deepspeed_moe.gate.wg.weight.grad - ref.deepspeed_moe.gate.wg.weight.grad)
+        "gate_grad_diff": (
+            moe.deepspeed_moe.gate.wg.weight.grad - ref.deepspeed_moe.gate.wg.weight.grad
+        )
         .abs()
         .max()
         .item(),

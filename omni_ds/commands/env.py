@@ -12,7 +12,9 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--init", action="store_true", help="bring the process group up and all-reduce a test tensor"
+        "--init",
+        action="store_true",
+        help="bring the process group up and all-reduce a test tensor",
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
