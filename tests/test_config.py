@@ -62,6 +62,8 @@ def test_overrides_parse_values_as_yaml():
     data = apply_overrides(
         {"moe": {"num_experts": 8}}, ["moe.num_experts=4", "lr=3e-4", "name=run"]
     )
-    assert data == {"moe": {"num_experts": 4}, "lr": 3e-4, "name": "run"}
+    assert data["moe"] == {"num_experts": 4}
+    cfg = from_dict(_Outer, data)
+    assert cfg.lr == 3e-4 and cfg.name == "run" and cfg.moe.num_experts == 4
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["moe.num_experts"])
