@@ -1,0 +1,1 @@
+"""Scoring transcripts: text normalisation, WER per test set, and multi-model comparison tables."""
