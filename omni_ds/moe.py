@@ -1,0 +1,241 @@
+"""The MoE feed-forward block: DeepSpeed's expert-parallel ``MoE`` routed by an :class:`OmniRouter`.
+
+    router = make_router(cfg, d_model)                       # None unless cfg.router == "omni"
+    ffn = MoEFeedForward(cfg, d_model, d_ff, router=router)  # one per MoE layer, same router
+    res = ffn(layer_norm(h), pad_mask)                       # MoEOutput(out, balance_loss, z_loss, stats)
+
+Each block is a stock ``deepspeed.moe.layer.MoE`` (so expert-parallel groups, expert parameter
+marking, the expert checkpoint files and the optimizer's MoE param groups are DeepSpeed's) whose gate
+is replaced by the router: the shared one for ``omni``, a fresh one per layer for ``switch``.
+
+Padding: only real frames are routed; pad positions of ``out`` are zero.
+
+Dispatch (``dispatch``): ``stock`` runs DeepSpeed's ``MOELayer.forward`` (a dense
+[experts, capacity, d] buffer, whose capacity in dropless mode is the busiest expert's count, so
+cost grows with routing skew); ``grouped`` (default) sorts the routed frames by expert and runs
+each expert on exactly its own frames, and with ``ep_size > 1`` exchanges exactly those rows by
+all-to-all with split sizes (:mod:`omni_ds.dispatch`). Both apply the same routing and give the
+same outputs.
+
+Losses: each block returns its *unweighted* balance loss E * sum_i f_i * P_i (f_i: fraction of
+this rank's real frames whose first choice is expert i, before capacity drops; P_i: mean router
+probability of i over the same frames) and its unweighted z-loss (mean over real frames of
+logsumexp(logits)^2). The model sums them over MoE layers (a plain sum, no averaging over layers)
+and multiplies the sums by ``balance_loss_weight`` and ``z_loss_weight``:
+``total = ctc + balance_loss_weight * sum_l balance_l + z_loss_weight * sum_l z_l``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from omni_ds.config import ConfigError
+from omni_ds.dispatch import grouped_dispatch
+from omni_ds.router import OmniRouter, Routing, make_router
+
+__all__ = [
+    "FeedForward",
+    "MoEConfig",
+    "MoEFeedForward",
+    "MoEOutput",
+    "RoutingStats",
+    "make_router",
+]
+
+
+@dataclasses.dataclass(kw_only=True)
+class MoEConfig:
+    """How the feed-forward layers are made sparse and routed."""
+
+    router: Literal["dense", "switch", "omni"] = "omni"
+    """``dense``: plain FFN; ``switch``: one router per MoE layer; ``omni``: one router shared by all."""
+    num_experts: int = 8
+    """Experts per MoE layer (every MoE layer has the same number)."""
+    top_k: int = 1
+    """Experts per frame: 1 (Switch) or 2 (GShard; the two weights are renormalised to sum to 1)."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert = ceil(k * frames / E * factor) (at least ``min_capacity``)."""
+    eval_capacity_factor: float = 2.0
+    """Capacity factor in eval mode."""
+    dropless: bool = False
+    """Never drop a frame: each expert takes every frame routed to it."""
+    min_capacity: int = 4
+    """Lower bound on the per-expert capacity when dropping."""
+    balance_loss_weight: float = 0.01
+    """Weight of the summed per-layer load-balancing losses in the total loss."""
+    z_loss_weight: float = 0.0
+    """Weight of the summed per-layer router z-losses in the total loss."""
+    jitter: float = 0.0
+    """Multiplicative jitter: router inputs scaled by U(1-jitter, 1+jitter) in training; 0 = off."""
+    ep_size: int = 1
+    """Expert-parallel group size: each rank holds num_experts / ep_size experts of every layer."""
+    dispatch: Literal["grouped", "stock"] = "grouped"
+    """``grouped``: exact per-expert counts; ``stock``: DeepSpeed's dense capacity buffer."""
+    router_bias: bool = False
+    """Give the router a bias (E values) besides its E x d weight."""
+    use_rts: bool = False
+    """Random token selection when dropping (training only): drop random frames, not late ones."""
+    second_expert_sampling: bool = False
+    """Top-2 only: sample the 2nd expert with Gumbel noise on the logits (training only)."""
+
+    def __post_init__(self):
+        def bad(key, fix):
+            raise ConfigError(f"moe.{key} = {getattr(self, key)!r}: {fix}")
+
+        if self.router not in ("dense", "switch", "omni"):
+            bad("router", "use dense, switch or omni")
+        if self.dispatch not in ("grouped", "stock"):
+            bad("dispatch", "use grouped or stock")
+        if self.num_experts < 1:
+            bad("num_experts", "use at least 1")
+        if self.top_k not in (1, 2):
+            bad("top_k", "use 1 or 2")
+        if self.top_k > self.num_experts:
+            bad("top_k", f"use at most num_experts ({self.num_experts})")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            bad("ep_size", f"use a divisor of num_experts ({self.num_experts})")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, key) <= 0:
+                bad(key, "use a positive factor (or dropless: true)")
+        for key in ("min_capacity", "balance_loss_weight", "z_loss_weight"):
+            if getattr(self, key) < 0:
+                bad(key, "use a value >= 0")
+        if not 0 <= self.jitter < 1:
+            bad("jitter", "use a value in [0, 1)")
+
+
+@dataclasses.dataclass
+class RoutingStats:
+    """One MoE layer's routing of the real frames, row-major (batch, time) order."""
+
+    expert: Tensor
+    """[N_real, k] int64: chosen experts (before capacity drops)."""
+    prob: Tensor
+    """[N_real, k] fp32: router probability of each chosen expert."""
+    usage: Tensor
+    """[E]: fraction of the routes (N_real * k) that chose each expert; sums to 1."""
+    entropy: Tensor
+    """Scalar: mean over real frames of the router distribution's entropy (nats)."""
+
+
+class MoEOutput(NamedTuple):
+    out: Tensor
+    """[B, T, D]; zero at pad positions."""
+    balance_loss: Tensor
+    """Unweighted E * sum_i f_i * P_i of this layer."""
+    z_loss: Tensor
+    """Unweighted router z-loss of this layer."""
+    stats: RoutingStats | None
+
+
+class FeedForward(nn.Module):
+    """The dense FFN, and the expert of every MoE layer: Linear, GELU, dropout, Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class MoEFeedForward(nn.Module):
+    """A DeepSpeed ``MoE`` block routed by ``router`` (omni) or by its own router (switch)."""
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        d_ff: int,
+        *,
+        router: OmniRouter | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if cfg.router == "dense":
+            raise ConfigError("moe.router = 'dense': build a FeedForward instead of an MoE block")
+        if (cfg.router == "omni") != (router is not None):
+            raise ValueError("router=omni needs the shared router (make_router); switch takes none")
+        self.cfg = cfg
+        self.random_routing = False
+        """Eval-only ablation: each frame's experts are replaced by uniformly random ones."""
+        self.moe = MoE(
+            d_model,
+            FeedForward(d_model, d_ff, dropout),
+            num_experts=cfg.num_experts,
+            ep_size=cfg.ep_size,
+            k=cfg.top_k,
+            capacity_factor=cfg.capacity_factor,
+            eval_capacity_factor=cfg.eval_capacity_factor,
+            min_capacity=cfg.min_capacity,
+            drop_tokens=not cfg.dropless,
+            use_rts=cfg.use_rts,
+            top2_2nd_expert_sampling=cfg.second_expert_sampling,
+        )
+        # The stock per-layer TopKGate is replaced, not kept beside the router: one W_r.
+        self.moe.deepspeed_moe.gate = router if router is not None else OmniRouter(cfg, d_model)
+
+    @property
+    def router(self) -> OmniRouter:
+        return self.moe.deepspeed_moe.gate
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        """This rank's experts, global ids ep_rank * len + i."""
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(
+        self, x: Tensor, pad_mask: Tensor | None = None, *, return_stats: bool = False
+    ) -> MoEOutput:
+        """``x`` [B, T, D] (already layer-normed), ``pad_mask`` [B, T] True at pads."""
+        if self.random_routing and self.training:
+            raise RuntimeError("random_routing is an eval-only ablation; call .eval() first")
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        real = None if pad_mask is None else ~pad_mask.reshape(-1)
+        tokens = flat if real is None else flat[real]
+        routing = self.router.route(tokens, random_experts=self.random_routing)
+        ep_group = self.moe.deepspeed_moe.ep_group
+        if self.cfg.ep_size > 1 and ep_group is None:
+            raise RuntimeError(
+                "ep_size > 1 needs DeepSpeed's expert-parallel group: wrap the model with "
+                "deepspeed.initialize, or call set_deepspeed_parallelism() on each MoE"
+            )
+        if self.cfg.dispatch == "grouped":
+            out = grouped_dispatch(tokens, routing, self.experts, ep_group, self.cfg.ep_size)
+        else:
+            out = self._stock_dispatch(tokens, routing, ep_group)
+        if real is not None:
+            out = flat.new_zeros(flat.shape).index_put((real,), out)
+        stats = _stats(routing) if return_stats else None
+        return MoEOutput(out.reshape(shape), routing.balance_loss, routing.z_loss, stats)
+
+    def _stock_dispatch(self, tokens: Tensor, routing: Routing, ep_group) -> Tensor:
+        # All ranks of an expert-parallel group exchange equal [E, C, d] buffers, so C is the
+        # largest capacity in the group (ranks hold different numbers of real frames).
+        capacity = torch.tensor(max(routing.capacity, 1))
+        if self.cfg.ep_size > 1:
+            torch.distributed.all_reduce(capacity, torch.distributed.ReduceOp.MAX, group=ep_group)
+        routing = dataclasses.replace(routing, capacity=int(capacity))
+        return self.moe.deepspeed_moe(tokens, routing)
+
+
+@torch.no_grad()
+def _stats(routing: Routing) -> RoutingStats:
+    n, num_experts = routing.prob.shape
+    counts = torch.bincount(routing.expert.reshape(-1), minlength=num_experts)
+    entropy = -(routing.prob * routing.prob.clamp_min(1e-12).log()).sum(-1)
+    return RoutingStats(
+        expert=routing.expert,
+        prob=routing.prob.gather(1, routing.expert),
+        usage=counts.float() / max(routing.expert.numel(), 1),
+        entropy=entropy.mean() if n else entropy.new_zeros(()),
+    )
