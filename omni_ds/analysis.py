@@ -6,8 +6,9 @@ the non-pad frames in row-major (batch, time) order):
 
 - **usage** ``[L, E]``: the share of routing assignments (frames × k) each expert receives;
 - **usage entropy** per layer, in bits (log2 E = perfectly even, 0 = one expert takes all);
-- **router entropy** per layer: the model's own per-batch ``RoutingStats.entropy``, averaged
-  with each batch weighted by its frames;
+- **router entropy** per layer, in bits: the mean over frames of the entropy of the router's
+  distribution over experts (the model's per-batch ``RoutingStats.entropy``, in nats, averaged
+  with each batch weighted by its frames, then divided by ln 2); low = confident routing;
 - **mean top-1 probability** per layer (how confident the router is);
 - **agreement** ``[L, L]``: normalised mutual information between the top-1 expert choices of
   every pair of MoE layers over the same frames, ``NMI(A, B) = 2 I(A; B) / (H(A) + H(B))``
@@ -76,8 +77,8 @@ class RoutingAnalysis:
     """[L, E] share of routing assignments per expert; rows sum to 1."""
     usage_entropy_bits: np.ndarray
     """[L] entropy of each usage row, in bits."""
-    router_entropy: np.ndarray
-    """[L] frame-weighted mean of the model's ``RoutingStats.entropy``."""
+    router_entropy_bits: np.ndarray
+    """[L] mean per-frame entropy of the router distribution, in bits."""
     mean_top1_prob: np.ndarray
     """[L] mean router probability of the chosen (first) expert."""
     agreement: np.ndarray
@@ -93,7 +94,7 @@ class RoutingAnalysis:
             "usage": self.usage.tolist(),
             "usage_entropy_bits": self.usage_entropy_bits.tolist(),
             "max_entropy_bits": float(np.log2(self.num_experts)),
-            "router_entropy": self.router_entropy.tolist(),
+            "router_entropy_bits": self.router_entropy_bits.tolist(),
             "mean_top1_prob": self.mean_top1_prob.tolist(),
             "agreement_nmi": self.agreement.tolist(),
             "mean_offdiagonal_nmi": mean_offdiagonal(self.agreement),
@@ -156,14 +157,14 @@ class RoutingCollector:
         experts = [np.concatenate(batches) for batches in self._experts]
         usage = np.stack([np.bincount(e.ravel(), minlength=E)[:E] / e.size for e in experts])
         router_entropy = np.array(
-            [sum(h * n for h, n in ent) / sum(n for _, n in ent) for ent in self._entropy]
-        )
+            [sum(h * n for h, n in ent) / max(1, sum(n for _, n in ent)) for ent in self._entropy]
+        ) / np.log(2)
         return RoutingAnalysis(
             num_experts=E,
             frames=int(experts[0].shape[0]),
             usage=usage,
             usage_entropy_bits=np.array([entropy_bits(u) for u in usage]),
-            router_entropy=router_entropy,
+            router_entropy_bits=router_entropy,
             mean_top1_prob=np.array([np.concatenate(p).mean() for p in self._top_prob]),
             agreement=agreement_matrix([e[:, 0] for e in experts], E),
             rasters=dict(self.rasters),

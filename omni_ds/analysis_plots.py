@@ -50,14 +50,18 @@ def plot_usage(usage: np.ndarray, path: Path, subtitle: str = "") -> None:
 
 def plot_entropy(analysis: RoutingAnalysis, path: Path, subtitle: str = "") -> None:
     L = analysis.usage.shape[0]
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.0 + 0.5 * L), 3.8), layout="constrained")
-    ax.bar(range(L), analysis.usage_entropy_bits, color="tab:blue", label="usage entropy")
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.6 * L), 4.2), layout="constrained")
+    x = np.arange(L)
+    ax.bar(x - 0.2, analysis.usage_entropy_bits, 0.4, color="tab:blue", label="expert usage")
+    ax.bar(
+        x + 0.2, analysis.router_entropy_bits, 0.4, color="tab:orange", label="router, per frame"
+    )
     ax.axhline(np.log2(analysis.num_experts), color="k", ls="--", lw=1, label="log2 E (uniform)")
     ax.set_xticks(range(L), _layer_labels(L), rotation=45, ha="right")
     ax.set_ylabel("bits")
-    ax.set_ylim(0, np.log2(analysis.num_experts) * 1.15)
-    ax.set_title(f"Routing entropy per MoE layer\n(entropy of expert usage){subtitle}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, np.log2(analysis.num_experts) * 1.1)
+    ax.set_title(f"Routing entropy per MoE layer{subtitle}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -95,7 +95,7 @@ def test_collector_usage_entropy_and_rasters():
     np.testing.assert_array_equal(r.usage[0], r.usage[1])
     assert r.usage[2, 0] > 0.6 and r.usage_entropy_bits[2] < r.usage_entropy_bits[0] <= 2.0
     # batch entropies 0.5 and 1.5 over 50 frames each
-    np.testing.assert_allclose(r.router_entropy, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(r.router_entropy_bits, np.array([1.0, 1.0, 1.0]) / np.log(2))
     assert r.agreement[0, 1] == pytest.approx(1.0)
     assert list(r.rasters) == ["b0u0", "b0u1", "b1u0"]
     assert r.rasters["b0u0"].shape == (3, 30) and r.rasters["b0u1"].shape == (3, 20)
