@@ -120,3 +120,44 @@ def test_plots_are_written_and_show_the_data(tmp_path):
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
         # not a blank canvas: many distinct colours
         assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 50
+
+
+def test_collector_on_the_real_encoder_and_random_routing():
+    from omni_ds.analysis import set_random_routing
+    from omni_ds.config import from_dict
+    from omni_ds.model import ModelConfig, build_model
+
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "vocab_size": 10, "d_model": 32, "n_layers": 3, "n_heads": 2, "d_ff": 64,
+            "dropout": 0.0, "frontend": {"n_mels": 16},
+            "moe": {"router": "omni", "num_experts": 4, "min_capacity": 1},
+        },
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    audio = torch.randn(3, 32000, generator=g) * 0.1
+    lens = torch.tensor([32000, 20000, 8000])
+    col = RoutingCollector(num_experts=4, num_rasters=3)
+    with torch.no_grad():
+        out = model(audio, lens, return_stats=True)
+    col.add(out.routing, out.out_lens, ["a", "b", "c"])
+    r = col.result()
+    assert r.usage.shape == (3, 4) and r.frames == int(out.out_lens.sum())
+    assert [v.shape for v in r.rasters.values()] == [(3, int(n)) for n in out.out_lens]
+    assert (r.router_entropy_bits > 0).all() and (r.router_entropy_bits <= 2 + 1e-6).all()
+
+    assert set_random_routing(model, True) == 3
+    col = RoutingCollector(num_experts=4)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for _ in range(20):
+            out = model(audio, lens, return_stats=True)
+            col.add(out.routing, out.out_lens, ["a", "b", "c"])
+    r = col.result()
+    # uniformly random experts: even usage, and layers carry no information about each other
+    np.testing.assert_allclose(r.usage, 0.25, atol=0.05)
+    assert mean_offdiagonal(r.agreement) < 0.02
+    set_random_routing(model, False)

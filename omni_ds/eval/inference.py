@@ -1,0 +1,92 @@
+"""Running an exported model over audio: batched forward, CTC decoding, routing collection.
+
+loaded = load_model_dir("models/omni")
+transcriber = Transcriber(loaded, beam_size=0)            # 0 = greedy, else prefix beam
+result = transcribe_batches(transcriber, batches, desc="dev")   # keys, refs, hyps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from omni_ds.decode import ctc_beam_search, ctc_greedy
+
+
+def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(audio [B, S] float32 zero-padded, audio_lens [B])`` from 1-d waveforms."""
+    lens = torch.tensor([len(w) for w in waves], dtype=torch.int64)
+    audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
+    for i, w in enumerate(waves):
+        audio[i, : len(w)] = torch.as_tensor(w, dtype=torch.float32)
+    return audio, lens
+
+
+class Transcriber:
+    """Decodes batches with a loaded model; optionally feeds the routing to a collector."""
+
+    def __init__(self, loaded, beam_size: int = 0, token_topk: int | None = None):
+        if beam_size < 0:
+            raise ValueError(f"beam_size must be 0 (greedy) or positive, got {beam_size}")
+        self.model = loaded.model
+        self.loaded = loaded
+        self.beam_size = beam_size
+        self.token_topk = token_topk
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def decode(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, collector=None, keys=()
+    ) -> list[list[int]]:
+        """Token ids per utterance; ``collector`` (a ``RoutingCollector``) gets the routing."""
+        out = self.model(
+            audio.to(self.device), audio_lens.to(self.device), return_stats=collector is not None
+        )
+        if collector is not None:
+            collector.add(out.routing, out.out_lens, keys)
+        logits = out.logits.float()
+        if self.beam_size:
+            return ctc_beam_search(logits, out.out_lens, self.beam_size, self.token_topk)
+        return ctc_greedy(logits, out.out_lens)
+
+    def texts(self, ids: list[list[int]]) -> list[str]:
+        return [self.loaded.tokenizer.decode(x) for x in ids]
+
+
+@dataclasses.dataclass
+class Transcripts:
+    keys: list[str] = dataclasses.field(default_factory=list)
+    refs: list[str] = dataclasses.field(default_factory=list)
+    hyps: list[str] = dataclasses.field(default_factory=list)
+
+    def write_tsv(self, path) -> None:
+        """``key<TAB>reference<TAB>hypothesis`` per utterance, for reading errors by eye."""
+        with open(path, "w") as f:
+            for row in zip(self.keys, self.refs, self.hyps):
+                f.write("\t".join(s.replace("\t", " ") for s in row) + "\n")
+
+
+def transcribe_batches(
+    transcriber: Transcriber,
+    batches: Iterable[dict],
+    *,
+    collector=None,
+    desc: str = "",
+    total: int | None = None,
+    max_batches: int = 0,
+) -> Transcripts:
+    """Decode loader batches (``audio``, ``audio_lens``, ``keys``, ``texts``) with a progress bar."""
+    from tqdm import tqdm
+
+    result = Transcripts()
+    for i, batch in enumerate(tqdm(batches, desc=desc, total=total, unit="batch", leave=False)):
+        if max_batches and i >= max_batches:
+            break
+        ids = transcriber.decode(batch["audio"], batch["audio_lens"], collector, batch["keys"])
+        result.keys.extend(batch["keys"])
+        result.refs.extend(batch["texts"])
+        result.hyps.extend(transcriber.texts(ids))
+    return result
