@@ -129,30 +129,33 @@ def check_deepspeed_json(ds: dict, where: str = "deepspeed") -> list[str]:
     probe["train_micro_batch_size_per_gpu"] = 1
     if _enabled(probe, "fp16") and _enabled(probe, "bf16"):
         probe.pop("bf16")  # reported once, by check_precision
-    try:
-        DeepSpeedConfig(probe)
-    except pydantic.ValidationError as e:
-        model = _pydantic_model(e.title)
-        for err in e.errors():
-            loc = [str(p) for p in err["loc"]]
-            section = _section_of(ds, loc[0]) if loc else ""
-            dotted = ".".join(([section] if section else []) + loc)
-            if err["type"] == "extra_forbidden" and model is not None:
-                cls = model
-                for part in loc[:-1]:
-                    cls = _nested_model(cls, part) if cls is not None else None
-                options = _field_names(cls) if cls is not None else []
-                problems.append(
-                    f"{where}: {dotted}: unknown DeepSpeed key; {_did_you_mean(loc[-1], options)}"
-                )
-            else:
-                problems.append(
-                    f"{where}: {dotted}: {err.get('input')!r} is invalid: {err['msg']}; fix the "
-                    "value"
-                )
-    except (AssertionError, ValueError) as e:
-        problems.append(f"{where}: DeepSpeed rejects the config: {e}")
+    # DeepSpeed stops at the first bad section; drop it and parse again to report every one.
+    for _ in range(len(probe)):
+        try:
+            DeepSpeedConfig(probe)
+            break
+        except pydantic.ValidationError as e:
+            model = _pydantic_model(e.title)
+            for err in e.errors():
+                loc = [str(p) for p in err["loc"]]
+                section = _section_of(ds, loc[0]) if loc else ""
+                problems.append(_describe(err, loc, section, model, where))
+                probe.pop(section or (loc[0] if loc else ""), None)
+        except (AssertionError, ValueError) as e:
+            problems.append(f"{where}: DeepSpeed rejects the config: {e}")
+            break
     return problems
+
+
+def _describe(err: dict, loc: list[str], section: str, model, where: str) -> str:
+    dotted = ".".join(([section] if section else []) + loc)
+    if err["type"] == "extra_forbidden" and model is not None:
+        cls = model
+        for part in loc[:-1]:
+            cls = _nested_model(cls, part) if cls is not None else None
+        options = _field_names(cls) if cls is not None else []
+        return f"{where}: {dotted}: unknown DeepSpeed key; {_did_you_mean(loc[-1], options)}"
+    return f"{where}: {dotted}: {err.get('input')!r} is invalid: {err['msg']}; fix the value"
 
 
 def _enabled(ds: dict, section: str) -> bool:

@@ -14,6 +14,7 @@ import sys
 # name on the command line -> module under omni_ds.commands
 COMMANDS: dict[str, str] = {
     "env": "env",
+    "check-config": "check_config",
     "export": "export",
 }
 

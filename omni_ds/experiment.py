@@ -7,8 +7,10 @@ model = omni_ds.model.build_model(cfg.model)
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from omni_ds.model import ModelConfig
+from omni_ds.train_config import CheckpointConfig, TrainConfig
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -17,3 +19,11 @@ class ExperimentConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The encoder: shape, front end, router mode and experts (``omni_ds.model.ModelConfig``)."""
+    deepspeed: Path = Path("ds_configs/zero2_bf16.json")
+    """The DeepSpeed JSON (batch sizes, optimizer, scheduler, ZeRO stage, precision, clipping,
+    monitors); authoritative for everything DeepSpeed owns. See README "Editing DeepSpeed JSON
+    configs"."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Run directory, length, seed, logging and dev evaluation (``omni_ds.train_config``)."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """When to save, how many to keep, where to resume from (``omni_ds.train_config``)."""

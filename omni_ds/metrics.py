@@ -1,0 +1,147 @@
+"""Training metrics: one JSON line per logged step, the same numbers to DeepSpeed's monitors
+(TensorBoard, CSV, W&B as the DeepSpeed JSON enables them), and a tqdm bar on rank 0.
+
+Throughput and MFU: a step's model FLOPs are estimated nanoGPT-style on *real* (non-pad) encoder
+frames, ``6 × active parameters`` per frame (forward + backward, only the top_k experts a frame
+uses) plus ``12 × layers × d_model × T`` per frame for attention scores over an utterance of T
+frames; the front end is left out. MFU divides the achieved rate by the device's peak dense rate
+(``train.peak_tflops``, a table of GPUs, or a matmul measured once on CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+# Peak dense bf16 TFLOP/s per GPU (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
+    """The peak dense TFLOP/s of one device: configured, looked up, or measured (CPU)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return 0.0
+    # CPU: the best of a few fp32 matmuls with this process's thread count.
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def step_flops(active_params: int, n_layers: int, d_model: int, frame_lens: torch.Tensor) -> float:
+    """Training FLOPs of one batch (module docstring) from its encoder frame counts."""
+    frames = float(frame_lens.sum())
+    attention = 12.0 * n_layers * d_model * float((frame_lens.double() ** 2).sum())
+    return 6.0 * active_params * frames + attention
+
+
+def routing_summary(routing) -> dict[str, float]:
+    """Per MoE layer: routing entropy and each expert's usage fraction."""
+    out: dict[str, float] = {}
+    for layer, stats in enumerate(routing or []):
+        out[f"routing/layer{layer}/entropy"] = float(stats.entropy)
+        for e, u in enumerate(stats.usage.tolist()):
+            out[f"routing/layer{layer}/usage{e}"] = float(u)
+    return out
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Averages every value over ranks (one collective; every rank calls it with the same keys)."""
+    if not tdist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t)
+    t /= tdist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not tdist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all gradients with every expert counted once (for ZeRO stage 0, where
+    DeepSpeed reports none and its clipping norm mis-counts experts, DeepSpeed issue 8475).
+
+    Dense gradients are identical on every rank after the all-reduce; expert gradients differ
+    between the ranks of an expert-parallel group, so their squares are summed over that group.
+    """
+    from deepspeed.utils import groups
+
+    dense = torch.zeros((), dtype=torch.float64)
+    experts: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            experts[p.group_name] = experts.get(p.group_name, 0) + sq
+        else:
+            dense += sq
+    total = dense
+    for name, sq in sorted(experts.items()):
+        if tdist.is_initialized():
+            group = groups._get_expert_parallel_group(name)
+            sq = sq.clone()
+            tdist.all_reduce(sq, group=group)
+        total = total + sq
+    return float(total.sqrt())
+
+
+class MetricsLog:
+    """Rank 0 writes ``metrics.jsonl`` and DeepSpeed monitor events; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, monitor=None, *, rank: int = 0):
+        self.rank = rank
+        self.monitor = monitor
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a") if rank == 0 else None
+
+    def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if self._file is None:
+            return
+        record = {"kind": kind, "step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            events = [(f"{kind}/{k}", float(v), step) for k, v in values.items()]
+            self.monitor.write_events(events)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of ``kind`` in a run's ``metrics.jsonl``, in file order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind") == kind]
