@@ -193,9 +193,9 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln_attn(x), keep))
         h = self.ln_ffn(x)
         if not self.is_moe:
-            return x + self.ffn(h), None
+            return x + self.drop(self.ffn(h)), None
         moe = self.ffn(h, pad_mask, return_stats=return_stats)
-        return x + moe.out, moe
+        return x + self.drop(moe.out), moe
 
 
 class SpeechEncoder(nn.Module):
@@ -277,6 +277,11 @@ class SpeechEncoder(nn.Module):
 def _is_expert(p: torch.Tensor) -> bool:
     # DeepSpeed marks expert weights as not all-reduced over data parallel ranks.
     return getattr(p, "allreduce", True) is False
+
+
+def greedy_transcripts(logits: torch.Tensor, out_lens: torch.Tensor, tokenizer) -> list[str]:
+    """Greedy CTC decoding to text: best path → SentencePiece ids → ``tokenizer.decode``."""
+    return [tokenizer.decode(ids) for ids in greedy_decode(logits, out_lens)]
 
 
 def build_model(cfg: ModelConfig) -> SpeechEncoder:
