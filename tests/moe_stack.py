@@ -11,14 +11,18 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from omni_ds.moe import FeedForward, MoEConfig, MoEFeedForward, make_router
 
 
 class MoEStack(nn.Module):
-    def __init__(self, cfg: MoEConfig, *, d_in=6, d_model=16, d_ff=32, layers=3, classes=5):
+    def __init__(
+        self, cfg: MoEConfig, *, d_in=6, d_model=16, d_ff=32, layers=3, classes=5, checkpoint=False
+    ):
         super().__init__()
         self.cfg = cfg
+        self.checkpoint = checkpoint
         self.dims = dict(d_in=d_in, d_model=d_model, d_ff=d_ff, layers=layers, classes=classes)
         self.router = make_router(cfg, d_model)
         self.proj = nn.Linear(d_in, d_model)
@@ -31,23 +35,35 @@ class MoEStack(nn.Module):
             )
         self.head = nn.Linear(d_model, classes)
 
-    def forward(self, x: Tensor, pad_mask: Tensor | None = None, return_stats=False):
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None, targets: Tensor | None = None):
+        """Logits and the summed router losses, or with ``targets`` the training loss."""
+        if targets is not None:
+            return self.loss(x, pad_mask, targets)
+        return self.run(x, pad_mask)
+
+    def _block(self, i: int, h: Tensor, pad_mask: Tensor | None, return_stats: bool):
+        res = self.ffns[i](self.norms[i](h), pad_mask, return_stats=return_stats)
+        return h + res.out, res.balance_loss, res.z_loss, res.stats
+
+    def run(self, x: Tensor, pad_mask: Tensor | None = None, return_stats=False):
         h = self.proj(x)
         balance = z = h.new_zeros(())
         stats = []
-        for norm, ffn in zip(self.norms, self.ffns):
+        for i, (norm, ffn) in enumerate(zip(self.norms, self.ffns)):
             if self.cfg.router == "dense":
                 h = h + ffn(norm(h))
-                continue
-            res = ffn(norm(h), pad_mask, return_stats=return_stats)
-            h = h + res.out
-            balance, z = balance + res.balance_loss, z + res.z_loss
-            stats.append(res.stats)
+            elif self.checkpoint:
+                h, b, zl, st = checkpoint(self._block, i, h, pad_mask, False, use_reentrant=False)
+            else:
+                h, b, zl, st = self._block(i, h, pad_mask, return_stats)
+            if self.cfg.router != "dense":
+                balance, z = balance + b, z + zl
+                stats.append(st)
         return self.head(h), balance, z, stats
 
     def loss(self, x: Tensor, pad_mask: Tensor, targets: Tensor) -> Tensor:
         """Frame cross-entropy over real frames plus the weighted, layer-summed router losses."""
-        logits, balance, z, _ = self(x, pad_mask)
+        logits, balance, z, _ = self.run(x, pad_mask)
         ce = F.cross_entropy(logits[~pad_mask], targets[~pad_mask])
         return ce + self.cfg.balance_loss_weight * balance + self.cfg.z_loss_weight * z
 

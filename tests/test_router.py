@@ -93,8 +93,8 @@ def test_appended_padding_changes_neither_outputs_nor_losses(k, dropless, dispat
     x_long[:, : x.shape[1]] = x
     # Garbage in the pad frames: it must not leak anywhere.
     x_long = torch.where(pad_long[..., None], torch.randn_like(x_long) * 100, x_long)
-    logits, balance, z, stats = model(x, pad, return_stats=True)
-    logits_l, balance_l, z_l, stats_l = model(x_long, pad_long, return_stats=True)
+    logits, balance, z, stats = model.run(x, pad, return_stats=True)
+    logits_l, balance_l, z_l, stats_l = model.run(x_long, pad_long, return_stats=True)
     torch.testing.assert_close(logits_l[:, : x.shape[1]][~pad], logits[~pad])
     torch.testing.assert_close(balance_l, balance)
     torch.testing.assert_close(z_l, z)
