@@ -23,6 +23,12 @@ probability of i over the same frames) and its unweighted z-loss (mean over real
 logsumexp(logits)^2). The model sums them over MoE layers (a plain sum, no averaging over layers)
 and multiplies the sums by ``balance_loss_weight`` and ``z_loss_weight``:
 ``total = ctc + balance_loss_weight * sum_l balance_l + z_loss_weight * sum_l z_l``.
+Under data parallelism each rank's loss covers its own frames and DeepSpeed averages gradients.
+
+Activation checkpointing: use ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
+Reentrant checkpointing (also ``deepspeed.checkpointing``) makes every layer's backward fire the
+shared router's gradient hook, and ZeRO-2 stops with "router.wg.weight has already been reduced"
+(DeepSpeed issue 2103, open in 0.19.8; ``tests/test_moe_zero.py`` pins both behaviours).
 """
 
 from __future__ import annotations

@@ -18,8 +18,17 @@ from omni_ds.moe import FeedForward, MoEConfig, MoEFeedForward, make_router
 
 class MoEStack(nn.Module):
     def __init__(
-        self, cfg: MoEConfig, *, d_in=6, d_model=16, d_ff=32, layers=3, classes=5, checkpoint=False
+        self,
+        cfg: MoEConfig,
+        *,
+        d_in=6,
+        d_model=16,
+        d_ff=32,
+        layers=3,
+        classes=5,
+        checkpoint: str | None = None,
     ):
+        """``checkpoint``: None, ``reentrant`` or ``non_reentrant`` activation checkpointing."""
         super().__init__()
         self.cfg = cfg
         self.checkpoint = checkpoint
@@ -53,7 +62,9 @@ class MoEStack(nn.Module):
             if self.cfg.router == "dense":
                 h = h + ffn(norm(h))
             elif self.checkpoint:
-                h, b, zl, st = checkpoint(self._block, i, h, pad_mask, False, use_reentrant=False)
+                reentrant = self.checkpoint == "reentrant"
+                args = (self._block, i, h, pad_mask, False)
+                h, b, zl, st = checkpoint(*args, use_reentrant=reentrant)
             else:
                 h, b, zl, st = self._block(i, h, pad_mask, return_stats)
             if self.cfg.router != "dense":
