@@ -122,6 +122,17 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if rank == 0 else None
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: after a crash they describe steps the resumed run redoes,
+        so the file keeps exactly one record per step and kind."""
+        if self._file is None:
+            return
+        self._file.close()
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+
     def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if self._file is None:
             return
