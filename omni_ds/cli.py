@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "env": "env",
     "check-config": "check_config",
+    "train": "train",
     "export": "export",
 }
 

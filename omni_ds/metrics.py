@@ -113,40 +113,53 @@ def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
     return float(total.sqrt())
 
 
-class MetricsLog:
-    """Rank 0 writes ``metrics.jsonl`` and DeepSpeed monitor events; other ranks do nothing."""
+class JsonLines:
+    """An append-only JSON-lines file of records with a ``step``, truncatable on resume."""
 
-    def __init__(self, run_dir: Path, monitor=None, *, rank: int = 0):
-        self.rank = rank
-        self.monitor = monitor
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a") if rank == 0 else None
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: after a crash they describe steps the resumed run redoes,
-        so the file keeps exactly one record per step and kind."""
-        if self._file is None:
-            return
+        so the file keeps exactly one record per step (and kind)."""
         self._file.close()
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
 
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsLog:
+    """Rank 0 writes ``metrics.jsonl`` and DeepSpeed monitor events; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, monitor=None, *, rank: int = 0):
+        self.monitor = monitor
+        self.lines = JsonLines(Path(run_dir) / "metrics.jsonl") if rank == 0 else None
+
+    def truncate_after(self, step: int) -> None:
+        if self.lines is not None:
+            self.lines.truncate_after(step)
+
     def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
-        if self._file is None:
+        if self.lines is None:
             return
-        record = {"kind": kind, "step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self.lines.write({"kind": kind, "step": step, **values})
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
             events = [(f"{kind}/{k}", float(v), step) for k, v in values.items()]
             self.monitor.write_events(events)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self.lines is not None:
+            self.lines.close()
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -35,6 +35,9 @@ class TrainConfig:
     (measured with a matmul on CPUs)."""
     progress_bar: bool = True
     """A tqdm bar on rank 0."""
+    log_samples: bool = False
+    """Also write each step's utterance keys per rank to ``samples/rank<R>.jsonl``: an audit
+    of the data order (which utterances every step trained on, across resumes)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "log_every"):

@@ -1,0 +1,53 @@
+"""Train an experiment with DeepSpeed: omni-ds train CONFIG.yaml [--set key=value ...].
+
+Checks the config first (as ``omni-ds check-config`` does, for this launch's world size), then
+trains; launch one process per GPU with ``torchrun``, the ``deepspeed`` launcher or ``srun`` (on
+a CPU-only host the processes use gloo). The run directory (``train.run_dir``) receives the
+resolved ``config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``.
+
+Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
+the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems;
+1 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a YAML key, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|none|PATH",
+        help="auto: continue from the run dir's latest complete checkpoint (the default, "
+        "checkpoint.resume in the YAML); none: start fresh; PATH: a checkpoint directory",
+    )
+    # The deepspeed launcher appends --local_rank; omni_ds.dist reads LOCAL_RANK instead.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from omni_ds.checkpoint import CheckpointError
+    from omni_ds.config import ConfigError
+    from omni_ds.train import main
+
+    try:
+        return main(args.config, args.overrides, args.resume)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"cannot resume: {e}", file=sys.stderr)
+        return 1
