@@ -188,6 +188,21 @@ class MoEFeedForward(nn.Module):
         )
         # The stock per-layer TopKGate is replaced, not kept beside the router: one W_r.
         self.moe.deepspeed_moe.gate = router if router is not None else OmniRouter(cfg, d_model)
+        self._init_experts()
+
+    def _init_experts(self) -> None:
+        # DeepSpeed deep-copies one expert module, so all experts would start identical. Each
+        # global expert gets its own init from a seed of (one draw per layer, global id): the
+        # same weights whatever ep_size, as DeepSpeed puts consecutive ranks in one ep group.
+        base = int(torch.randint(2**31, ()))
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        ep_rank = torch.distributed.get_rank() % self.cfg.ep_size if distributed else 0
+        for j, expert in enumerate(self.experts):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(base + ep_rank * len(self.experts) + j)
+                for module in expert.modules():
+                    if isinstance(module, nn.Linear):
+                        module.reset_parameters()
 
     @property
     def router(self) -> OmniRouter:

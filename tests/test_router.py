@@ -200,3 +200,13 @@ def test_config_errors_name_key_value_and_fix():
     with pytest.raises(ValueError, match="shared router"):
         MoEFeedForward(cfg(router="omni"), D, 32)
     assert dataclasses.replace(cfg(), jitter=0.1).jitter == 0.1
+
+
+def test_experts_start_different_but_reproducibly():
+    torch.manual_seed(12)
+    a = MoEFeedForward(cfg(router="switch"), D, 32)
+    torch.manual_seed(12)
+    b = MoEFeedForward(cfg(router="switch"), D, 32)
+    weights = [e.fc1.weight for e in a.experts]
+    assert all(not torch.equal(weights[0], w) for w in weights[1:])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
