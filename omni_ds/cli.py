@@ -17,6 +17,9 @@ COMMANDS: dict[str, str] = {
     "check-config": "check_config",
     "train": "train",
     "export": "export",
+    "transcribe": "transcribe",
+    "eval": "eval",
+    "analyze": "analyze",
 }
 
 
