@@ -112,7 +112,7 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
 
     from omni_ds.decode import ctc_greedy
     from omni_ds.export import export_checkpoint
-    from omni_ds.model_dir import load_model_dir
+    from omni_ds.model_dir import load_model_dir, read_weights
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -149,6 +149,19 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
     assert {k.split("deepspeed_experts.")[1].split(".")[0] for k in keys if "experts" in k} == set(
         "0123"
     )
+
+    # the CLI writes the same directory
+    from omni_ds.cli import main
+
+    tokenizer = model_dir / "tokenizer.model"
+    cli_args = ["export", str(run_dir / "checkpoints"), "--out", str(tmp_path / "cli")]
+    assert main([*cli_args, "--tokenizer", str(tokenizer)]) == 0
+    for name in ("config.yaml", "tokenizer.model"):
+        assert (tmp_path / "cli" / name).read_bytes() == (model_dir / name).read_bytes()
+    cli_tensors, cli_meta = read_weights(tmp_path / "cli")
+    api_tensors, api_meta = read_weights(model_dir)
+    assert cli_meta == api_meta and cli_tensors.keys() == api_tensors.keys()
+    assert all(torch.equal(cli_tensors[k], api_tensors[k]) for k in api_tensors)
 
     loaded = load_model_dir(model_dir)
     assert loaded.model.cfg.moe.ep_size == 1
