@@ -222,7 +222,10 @@ class Checkpointer:
         return path
 
     def load(self, path: Path) -> tuple[dict, Any]:
-        """Load ``path`` into the engine; returns (the client dict, this rank's data state)."""
+        """Load ``path`` into the engine; returns (the client dict, this rank's data state).
+
+        RNG states are not touched here: call :meth:`restore_rng` last, after everything that
+        draws random numbers while starting up (e.g. a DataLoader iterator draws its base seed)."""
         manifest = read_manifest(path)
         if manifest is None:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
@@ -242,8 +245,11 @@ class Checkpointer:
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
         state = client[CLIENT_KEY]
-        set_rng_state(state["rng"][self.rank])
         return state, state["data"][self.rank]
+
+    def restore_rng(self, state: dict) -> None:
+        """Put this rank's python/numpy/torch RNGs back where the checkpoint left them."""
+        set_rng_state(state["rng"][self.rank])
 
     def _barrier(self) -> None:
         if tdist.is_initialized():

@@ -41,6 +41,7 @@ def run_steps(run_dir: str, ep_size: int, steps: int, resume: str | None) -> dic
     start, data_state = 0, None
     if resume is not None:
         client, data_state = ckpt.load(ckpt.resume_path(resume))
+        ckpt.restore_rng(client)
         start = client["step"]
     losses = {}
     for step in range(start, steps):
