@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from omni_ds.analysis import RoutingAnalysis  # noqa: E402
 
@@ -93,6 +94,7 @@ def plot_rasters(
         im = ax.imshow(raster, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         ax.set_title(key, fontsize=9)
         ax.set_yticks(range(raster.shape[0]), _layer_labels(raster.shape[0]), fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("frame (40 ms)", fontsize=8)
     fig.suptitle(f"Expert index per frame (time × layer){subtitle}")
     if im is not None:

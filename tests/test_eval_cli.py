@@ -1,0 +1,178 @@
+"""End to end on a model trained inside the test: 2 ranks, ZeRO-2, ep_size=2, omni router →
+``omni-ds export`` → ``transcribe`` / ``eval`` / ``analyze`` on real FLAC shards and manifests."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import jiwer
+import matplotlib.image
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from harness import run_function
+from synth_speech import utterance
+
+from omni_ds.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SENTENCES = [
+    "a seat", "eat tea", "test a toe", "see tao",
+    "oat at sea", "tease ten eels", "ten toes", "a neat nest",
+]  # fmt: skip
+STEPS = 150
+OVERRIDES = [
+    "model.vocab_size=13",
+    "model.dropout=0.0",
+    "model.frontend.specaug.freq_masks=0",
+    "model.frontend.specaug.time_masks=0",
+    "model.moe.ep_size=2",
+]
+
+
+def train_tokenizer(out: Path) -> Path:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES), model_prefix=str(out / "sp"), vocab_size=13,
+        model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    return out / "sp.model"
+
+
+def waves(ids: list[list[int]]) -> list[np.ndarray]:
+    return [utterance(t, seed=i).astype(np.float32) for i, t in enumerate(ids)]
+
+
+def train_tiny(ckpt_dir: str, ids: list[list[int]]) -> list[list[int]]:
+    """Rank worker: save step_0, overfit the 8 sentences (4 per rank), save, decode all 8 live."""
+    from omni_ds import dist
+    from omni_ds.config import load_config
+    from omni_ds.decode import ctc_greedy
+    from omni_ds.engine import build_engine
+    from omni_ds.eval.inference import pad_batch
+    from omni_ds.model import build_model
+
+    with dist.distributed() as info:
+        torch.manual_seed(0)
+        model = build_model(load_config(CONFIGS / "tiny.yaml", OVERRIDES).model)
+        ds = {
+            "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+            "zero_optimization": {"stage": 2},
+        }
+        engine = build_engine(model, ds)
+        engine.save_checkpoint(ckpt_dir, tag="step_0")
+        mine = ids[info.env.rank :: 2]
+        audio, lens = pad_batch(waves(ids)[info.env.rank :: 2])
+        tokens = torch.zeros(len(mine), max(map(len, mine)), dtype=torch.long)
+        for i, t in enumerate(mine):
+            tokens[i, : len(t)] = torch.tensor(t)
+        token_lens = torch.tensor([len(t) for t in mine])
+        for _ in range(STEPS):
+            loss = model.loss(engine(audio, lens), tokens, token_lens).total
+            engine.backward(loss)
+            engine.step()
+        engine.save_checkpoint(ckpt_dir, tag=f"step_{STEPS}")
+        engine.eval()
+        audio, lens = pad_batch(waves(ids))
+        with torch.no_grad():
+            out = engine(audio, lens)
+        return ctc_greedy(out.logits, out.out_lens)
+
+
+def write_test_sets(root: Path, ids: list[list[int]]) -> tuple[Path, Path, list[Path]]:
+    """The 8 utterances as FLAC files, as 2 tar shards and as a JSONL manifest."""
+    files, rows = [], []
+    shards = root / "shards"
+    shards.mkdir(parents=True)
+    for i, (wave, text) in enumerate(zip(waves(ids), SENTENCES)):
+        path = root / f"utt{i}.flac"
+        sf.write(path, wave, 16000, subtype="PCM_24")
+        files.append(path)
+        rows.append({"audio_filepath": path.name, "text": text.upper() + "."})
+    for s in range(2):
+        with tarfile.open(shards / f"shard-{s:06d}.tar", "w") as tar:
+            for i in range(4 * s, 4 * s + 4):
+                for name, data in (
+                    (f"utt{i}.flac", files[i].read_bytes()),
+                    (f"utt{i}.json", json.dumps({"text": SENTENCES[i]}).encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    manifest = root / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return shards, manifest, files
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
+    import sentencepiece as spm
+    import yaml
+
+    from omni_ds.config import load_config, to_dict
+
+    sp_model = train_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    ids = [sp.encode(s) for s in SENTENCES]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    live = run_function(train_tiny, 2, args=(str(run / "checkpoints"), ids), timeout=400)
+    assert live[0] == live[1]
+    live_texts = [sp.decode(x) for x in live[0]]
+    assert jiwer.wer(SENTENCES, live_texts) < 0.2  # it learned something
+    cfg = load_config(CONFIGS / "tiny.yaml", OVERRIDES)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+
+    trained, untrained = tmp_path / "omni", tmp_path / "untrained"
+    assert main(["export", str(run), "--out", str(trained), "--tokenizer", str(sp_model)]) == 0
+    step0 = ["export", str(run / "checkpoints" / "step_0"), "--out", str(untrained)]
+    assert main([*step0, "--tokenizer", str(sp_model)]) == 0
+    shards, manifest, files = write_test_sets(tmp_path / "data", ids)
+    capsys.readouterr()
+
+    # transcribe: exactly what the live (2-rank, ep_size=2) model decoded before export
+    assert main(["transcribe", str(trained), *map(str, files), "--batch-size", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t") for line in lines] == [[str(f), t] for f, t in zip(files, live_texts)]
+    assert main(["transcribe", str(trained), *map(str, files), "--beam-size", "4"]) == 0
+    beam = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert jiwer.wer(SENTENCES, beam) <= jiwer.wer(SENTENCES, live_texts) + 0.05
+
+    # eval: two models, two sets; WERs are jiwer's on the normalised texts
+    out = tmp_path / "eval"
+    sets = ["--test-set", f"shards={shards}", "--test-set", f"manifest={manifest}"]
+    assert main(["eval", str(untrained), str(trained), *sets, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    by_model = {m["model"]: m for m in report["models"]}
+    expected = jiwer.wer(SENTENCES, [t.lower() for t in live_texts])
+    for name in ("shards", "manifest"):  # manifest refs are upper case with a full stop
+        assert by_model["omni"]["sets"][name]["wer"] == pytest.approx(expected, abs=1e-12)
+    assert by_model["untrained"]["mean_wer"] > 0.5
+    rows = list(csv.DictReader(open(out / "eval.csv")))
+    assert len(rows) == 6
+    assert "| `omni` vs `untrained` |" in printed and (out / "eval.md").read_text() in printed
+
+    # analyze: analysis.json, 4 PNGs, random routing hurts the trained model
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(trained), "--test-set", str(shards), "--out", str(out)]) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["wer"] == pytest.approx(expected, abs=1e-12)
+    assert analysis["random_routing"]["wer"] > analysis["wer"]
+    L = 4
+    agreement = np.array(analysis["agreement_nmi"])
+    assert agreement.shape == (L, L) and np.allclose(agreement, agreement.T)
+    assert np.allclose(np.diag(agreement), 1.0)
+    assert np.allclose(np.array(analysis["usage"]).sum(axis=1), 1.0)
+    assert len(analysis["rasters"]) == 4
+    for png in ("usage.png", "entropy.png", "agreement.png", "rasters.png"):
+        assert matplotlib.image.imread(out / png).shape[0] > 200
