@@ -194,7 +194,7 @@ class MoEFeedForward(nn.Module):
         # DeepSpeed deep-copies one expert module, so all experts would start identical. Each
         # global expert gets its own init from a seed of (one draw per layer, global id): the
         # same weights whatever ep_size, as DeepSpeed puts consecutive ranks in one ep group.
-        base = int(torch.randint(2**31, ()))
+        base = int(torch.randint(2**31, (), device="cpu"))  # also under a meta-device context
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         ep_rank = torch.distributed.get_rank() % self.cfg.ep_size if distributed else 0
         for j, expert in enumerate(self.experts):
