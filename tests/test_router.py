@@ -210,3 +210,19 @@ def test_experts_start_different_but_reproducibly():
     weights = [e.fc1.weight for e in a.experts]
     assert all(not torch.equal(weights[0], w) for w in weights[1:])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "stock"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_fewer_real_frames_than_min_capacity_and_none_at_all(k, dispatch):
+    # DeepSpeed's top-1 gating asserts frames >= min_capacity; a short utterance must just work.
+    layer = MoEFeedForward(cfg(router="switch", top_k=k, dispatch=dispatch, min_capacity=8), D, 32)
+    x = torch.randn(2, 5, D, requires_grad=True)
+    pad = torch.ones(2, 5, dtype=torch.bool)
+    pad[0, :3] = False
+    res = layer(x, pad)
+    assert res.out[~pad].abs().sum() > 0 and (res.out[pad] == 0).all()
+    empty = layer(x, torch.ones(2, 5, dtype=torch.bool), return_stats=True)
+    assert (empty.out == 0).all() and empty.stats.expert.shape == (0, k)
+    assert empty.balance_loss.item() == 0 and empty.z_loss.item() == 0
+    (empty.out.sum() + empty.balance_loss + empty.z_loss).backward()
