@@ -86,10 +86,17 @@ def test_moe_every_two_makes_every_second_block_sparse():
     assert [b.is_moe for b in model.blocks] == [False, True, False, True]
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-def test_utterance_output_is_the_same_alone_and_padded_in_a_batch(router):
+@pytest.mark.parametrize(
+    ("router", "subsampling"), [(r, "stack") for r in ROUTERS] + [("omni", "conv")]
+)
+def test_utterance_output_is_the_same_alone_and_padded_in_a_batch(router, subsampling):
     torch.manual_seed(0)
-    cfg = tiny(f"model.moe.router={router}", "model.moe.dropless=true", "model.vocab_size=13")
+    cfg = tiny(
+        f"model.moe.router={router}",
+        f"model.frontend.subsampling={subsampling}",
+        "model.moe.dropless=true",
+        "model.vocab_size=13",
+    )
     model = build_model(cfg).eval()
     data = batch([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12, 0]])
     with torch.no_grad():
