@@ -1,0 +1,154 @@
+"""The shard index: what every shard holds, so readers plan epochs without scanning audio.
+
+``DIR/index.json`` (written by ``omni-ds make-shards``, ``omni-ds synth``, or
+``omni-ds make-shards --index-only DIR`` for shards made by other tools)::
+
+    {"version": 1, "sample_rate": 16000,
+     "shards": [{"name": "shard-000000.tar", "num_samples": 812, "duration": 2391.4,
+                 "bytes": 61234176, "sha256": "...",
+                 "samples": [[key, seconds, chars, pl_confidence, audio_offset, audio_size,
+                              json_offset, json_size, audio_ext], ...],
+                 "bad": [[key, reason], ...]}]}
+
+Sample rows give byte offsets of the members' data inside the tar, so a reader fetches exactly one
+utterance; ``bad`` lists samples the scan found unusable (unpaired or damaged members, unreadable
+labels, empty transcripts, audio headers that do not parse), which readers count as skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from data_pipeline.audio import MIN_SAMPLE_RATE, AudioError, header
+
+INDEX_FILE = "index.json"
+AUDIO_EXTS = ("flac", "wav")
+# Column order of a sample row.
+KEY, SECONDS, CHARS, CONFIDENCE, AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, AUDIO_EXT = range(9)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def parse_label(raw: bytes) -> dict:
+    """A sample's JSON label; raises :class:`AudioError` with reason ``bad_label``/``empty_text``."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AudioError("bad_label", f"label is not UTF-8 JSON: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
+        raise AudioError("bad_label", "label has no 'text' string")
+    if not meta["text"].strip():
+        raise AudioError("empty_text", "empty transcript")
+    return meta
+
+
+def scan_shard(path: Path) -> dict:
+    """Index one tar shard (see the module docstring); never raises on damaged content."""
+    data = path.read_bytes()
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        # ignore_zeros steps over a damaged header to the next valid one instead of stopping.
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as tar:
+            for m in tar:
+                if m.isfile():
+                    key, ext = split_name(m.name)
+                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, EOFError):
+        pass  # truncated: keep what was read; incomplete samples become corrupt_member below
+    samples, bad = [], []
+    for key, parts in members.items():
+        ext = next((e for e in AUDIO_EXTS if e in parts), None)
+        if ext is None or "json" not in parts or any(o + s > len(data) for o, s in parts.values()):
+            bad.append([key, "corrupt_member"])
+            continue
+        (a_off, a_size), (j_off, j_size) = parts[ext], parts["json"]
+        try:
+            meta = parse_label(data[j_off : j_off + j_size])
+            rate, frames = header(data[a_off : a_off + a_size])
+            declared = meta.get("sample_rate")
+            if rate < MIN_SAMPLE_RATE or (declared is not None and declared != rate):
+                raise AudioError("sample_rate", f"{rate} Hz (label says {declared})")
+            if frames == 0:
+                raise AudioError("empty_audio", "no samples")
+        except AudioError as e:
+            bad.append([key, e.reason])
+            continue
+        conf = meta.get("pl_confidence")
+        row = [
+            key,
+            round(frames / rate, 4),
+            len(meta["text"]),
+            None if conf is None else float(conf),
+        ]
+        samples.append([*row, a_off, a_size, j_off, j_size, ext])
+    return {
+        "name": path.name,
+        "num_samples": len(samples),
+        "duration": round(sum(s[SECONDS] for s in samples), 3),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "samples": samples,
+        "bad": bad,
+    }
+
+
+def write_index(directory: Path, shards: list[dict]) -> Path:
+    """Write ``DIR/index.json`` for ``shards`` (as :func:`scan_shard` returns them)."""
+    index = {"version": 1, "sample_rate": 16000, "shards": shards}
+    path = directory / INDEX_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(index, separators=(",", ":")))
+    tmp.replace(path)
+    return path
+
+
+def index_directory(directory: Path, progress: bool = False) -> Path:
+    """Scan every ``*.tar`` in ``directory`` (name order) and write its index."""
+    shards = sorted(directory.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{directory} holds no *.tar shards")
+    if progress:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc=f"index {directory.name}", unit="shard")
+    return write_index(directory, [scan_shard(p) for p in shards])
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """The shards of one directory, from its index."""
+
+    directory: Path
+    shards: list[dict]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["num_samples"] for s in self.shards)
+
+    @property
+    def duration(self) -> float:
+        return sum(s["duration"] for s in self.shards)
+
+
+def load_index(directory: str | Path) -> ShardSet:
+    directory = Path(directory)
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; write shards with `omni-ds make-shards`, or index existing "
+            f"ones with `omni-ds make-shards --index-only {directory}`"
+        )
+    index = json.loads(path.read_text())
+    if index.get("version") != 1:
+        raise ValueError(f"{path}: unknown index version {index.get('version')!r}")
+    return ShardSet(directory, index["shards"])

@@ -1,0 +1,190 @@
+"""The training loader: planned, duration-bucketed batches of padded 16 kHz audio and tokens.
+
+    loader = SpeechLoader(cfg.data, tokenizer, rank=rank, world_size=world, seed=seed)
+    loader.load_state_dict(saved)          # optional: resume mid-epoch, any world size
+    for epoch in range(n):
+        for batch in loader:               # one epoch; the next ``iter`` starts the next epoch
+            ...                            # batch: audio [B,S] f32, audio_lens, tokens [B,U],
+                                           #        token_lens, keys, texts, bucket
+        saved = loader.state_dict()        # also valid mid-epoch, after any batch
+
+Each rank computes the same epoch plan (``data_pipeline.plan``) from the shard indexes, so all
+ranks yield the same number of batches and draw the same duration bucket at each step, with no
+collective. Decoding runs in ``num_workers`` processes (``data_pipeline.reader``), which ignore
+SIGUSR1/SIGTERM: the training process decides when to stop. ``state_dict()`` counts the batches
+*yielded*, not those prefetched, so a resume continues exactly after the last batch the trainer
+took. The state is the same on every rank, so any rank's state resumes any world size.
+
+Unusable samples are skipped and counted per reason (:meth:`skipped`); when more than
+``max_error_rate`` of the samples read are unusable, :class:`DataError` stops the run naming the
+worst shards.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.index import load_index
+from data_pipeline.plan import Catalog, apply_filters, plan_epoch, share_of_rank
+from data_pipeline.reader import ERROR_REASONS, BatchReader
+
+STATE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """Too much of the data is unusable; the message names the worst shards."""
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    def __init__(self, reader: BatchReader, batches: list[list[int]], buckets: list[int]):
+        self.reader, self.batches, self.buckets = reader, batches, buckets
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.reader.read_batch(self.batches[i], self.buckets[i])
+
+
+class SpeechLoader:
+    """Batches of one rank (see the module docstring).
+
+    ``shards`` overrides ``cfg.train`` (e.g. a dev set); ``train=False`` turns the metadata
+    filters off (evaluation keeps every readable utterance). ``tokenizer`` may be None, which
+    gives empty ``tokens``.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer=None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shards: Sequence[str | Path] | None = None,
+        train: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
+        self.catalog = Catalog.from_sets([load_index(d) for d in (shards or cfg.train)])
+        self.kept, self._plan_skips = apply_filters(self.catalog, cfg if train else None)
+        self.reader = BatchReader(self.catalog, tokenizer)
+        self.epoch = 0
+        self._segments = [[world_size, 0]]
+        self._counted = False
+        self._skipped: Counter = Counter()
+        self._shard_errors: Counter = Counter()
+        self._read = 0
+
+    def __len__(self) -> int:
+        """Batches this rank still yields in the current epoch."""
+        return len(self._plan().steps) - self._segments[-1][1]
+
+    def _plan(self):
+        return plan_epoch(
+            self.kept, self.catalog.seconds, self.cfg, self.seed, self.epoch, self._segments
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self._plan()
+        if not self._counted:
+            # Samples the plan leaves out are counted once per epoch, each on one rank.
+            skips = share_of_rank(self._plan_skips, self.rank, self.world_size)
+            self._skipped.update(skips)
+            self._read += sum(skips[r] for r in ERROR_REASONS)
+            self._counted = True
+        done = self._segments[-1][1]
+        mine = [step[self.rank] for step in plan.steps[done:]]
+        for batch in self._batches(mine, plan.buckets[done:]):
+            self._segments[-1][1] += 1
+            self._account(batch)
+            yield batch
+        self._skipped.update(share_of_rank(["rank_remainder"] * len(plan.dropped), self.rank,
+                                           self.world_size))  # fmt: skip
+        self.epoch += 1
+        self._segments = [[self.world_size, 0]]
+        self._counted = False
+
+    def _batches(self, batches: list[list[int]], buckets: list[int]) -> Iterator[dict]:
+        dataset = _PlannedBatches(self.reader, batches, buckets)
+        if self.cfg.num_workers == 0:
+            return (dataset[i] for i in range(len(dataset)))
+        return iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=min(self.cfg.num_workers, max(1, len(dataset))),
+                prefetch_factor=self.cfg.prefetch_factor,
+                worker_init_fn=_ignore_stop_signals,
+                multiprocessing_context="fork",
+            )
+        )
+
+    def _account(self, batch: dict) -> None:
+        self._skipped.update(batch.pop("_skipped"))
+        self._shard_errors.update(batch.pop("_shard_errors"))
+        self._read += batch.pop("_read")
+        errors = sum(self._skipped[r] for r in ERROR_REASONS)
+        if (
+            self._read >= self.cfg.error_rate_min_samples
+            and errors > self.cfg.max_error_rate * self._read
+        ):
+            worst = ", ".join(f"{p} ({n})" for p, n in self._shard_errors.most_common(3))
+            raise DataError(
+                f"{errors} of {self._read} samples read on rank {self.rank} were unusable "
+                f"({dict(self._skipped)}), above data.max_error_rate={self.cfg.max_error_rate}; "
+                f"worst shards: {worst or 'none (bad entries in the index)'}. Fix or re-create "
+                "those shards, or raise data.max_error_rate"
+            )
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped on this rank so far, per reason (cumulative over epochs)."""
+        return dict(self._skipped)
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "segments": [list(s) for s in self._segments],
+            "counted": self._counted,
+            "skipped": dict(self._skipped),
+            "shard_errors": dict(self._shard_errors),
+            "read": self._read,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last batch yielded when ``state`` was taken, on this world size."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown loader state version {state.get('version')!r}")
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"the loader state was taken with seed {state['seed']}, this loader has "
+                f"{self.seed}; resume with the original train.seed"
+            )
+        self.epoch = state["epoch"]
+        segments = [list(s) for s in state["segments"]]
+        if segments[-1][0] != self.world_size:
+            # Keep the consumed part of the old layout; plan the rest for this world size.
+            if segments[-1][1] == 0:
+                segments.pop()
+            segments.append([self.world_size, 0])
+        self._segments = segments
+        self._counted = state["counted"]
+        self._skipped = Counter(state["skipped"])
+        self._shard_errors = Counter(state["shard_errors"])
+        self._read = state["read"]

@@ -1,0 +1,182 @@
+"""The epoch plan: which utterances form which batch, on which rank, at which step.
+
+Every rank computes the same plan from the shard indexes, the seed and the epoch, so ranks agree
+without a collective:
+
+1. Filters run on index metadata (duration, characters per second, pseudo-label confidence);
+   samples the index already marked bad are counted too.
+2. The kept utterances are shuffled and split into ``num_buckets`` duration buckets (equal-count
+   quantiles). Each bucket is packed greedily into batches whose padded length
+   (longest × count) stays within the frame budget.
+3. A bucket's batch count must be a multiple of the world size W, so that one step gives every
+   rank a batch of the same bucket: the few batches over a multiple move on to the next (longer)
+   bucket; in the last bucket the largest batches are split until the count is a multiple of W.
+4. Batches are grouped W per step and the steps shuffled. Rank r takes batch r of every step, so
+   every rank has the same number of steps whatever the shard count.
+
+Resuming on another world size: an epoch is a chain of *segments* ``[W, steps_done]``; a new
+segment plans only the samples that earlier segments had not yet consumed, so no sample of the
+epoch is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+from data_pipeline.config import DataConfig
+from data_pipeline.index import CHARS, CONFIDENCE, SECONDS, ShardSet
+
+FILTER_REASONS = ("too_short", "too_long", "chars_per_second", "low_confidence")
+
+
+@dataclasses.dataclass
+class Catalog:
+    """Every indexed sample of some shard sets, with global ids in index order."""
+
+    shard_paths: list[str]
+    shard_of: np.ndarray
+    """int32 [N]: which shard (index into ``shard_paths``) holds sample i."""
+    rows: list[list]
+    """The index row of sample i (``data_pipeline.index`` columns)."""
+    seconds: np.ndarray
+    bad: list[tuple[int, str, str]]
+    """(shard id, key, reason) of samples the index marked unusable."""
+
+    @classmethod
+    def from_sets(cls, sets: list[ShardSet]) -> Catalog:
+        paths, shard_of, rows, bad = [], [], [], []
+        for shard_set in sets:
+            for shard in shard_set.shards:
+                sid = len(paths)
+                paths.append(str(shard_set.directory / shard["name"]))
+                rows.extend(shard["samples"])
+                shard_of.extend([sid] * len(shard["samples"]))
+                bad.extend((sid, key, reason) for key, reason in shard["bad"])
+        seconds = np.array([r[SECONDS] for r in rows], dtype=np.float64)
+        return cls(paths, np.array(shard_of, dtype=np.int32), rows, seconds, bad)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def filter_reason(row: list, cfg: DataConfig) -> str | None:
+    """Why a sample is filtered out by its metadata, or None to keep it."""
+    seconds, chars, conf = row[SECONDS], row[CHARS], row[CONFIDENCE]
+    if seconds < cfg.min_duration:
+        return "too_short"
+    if seconds > cfg.max_duration:
+        return "too_long"
+    cps = chars / seconds
+    if (cfg.max_chars_per_second and cps > cfg.max_chars_per_second) or (
+        cps < cfg.min_chars_per_second
+    ):
+        return "chars_per_second"
+    if conf is not None and conf < cfg.min_pl_confidence:
+        return "low_confidence"
+    return None
+
+
+def apply_filters(catalog: Catalog, cfg: DataConfig | None) -> tuple[np.ndarray, list[str]]:
+    """(kept sample ids, the reason of every filtered or index-bad sample, in index order)."""
+    if cfg is None:
+        return np.arange(len(catalog)), [reason for _, _, reason in catalog.bad]
+    kept, reasons = [], [reason for _, _, reason in catalog.bad]
+    for i, row in enumerate(catalog.rows):
+        reason = filter_reason(row, cfg)
+        if reason is None:
+            kept.append(i)
+        else:
+            reasons.append(reason)
+    return np.array(kept, dtype=np.int64), reasons
+
+
+def _pack(ids: list[int], seconds: np.ndarray, budget: float, max_size: int) -> list[list[int]]:
+    batches: list[list[int]] = []
+    longest = 0.0
+    for i in ids:
+        d = seconds[i]
+        if (
+            batches
+            and batches[-1]
+            and (max(longest, d) * (len(batches[-1]) + 1) <= budget and len(batches[-1]) < max_size)
+        ):
+            batches[-1].append(i)
+            longest = max(longest, d)
+        else:
+            batches.append([i])
+            longest = d
+    return batches
+
+
+@dataclasses.dataclass
+class SegmentPlan:
+    steps: list[list[list[int]]]
+    """steps[s][r]: the sample ids of rank r's batch at step s."""
+    buckets: list[int]
+    """The duration bucket of each step."""
+    dropped: list[int]
+    """Samples no equal split could place (only when fewer remain than ranks)."""
+
+
+def plan_segment(
+    ids: np.ndarray, seconds: np.ndarray, world_size: int, cfg: DataConfig, rng
+) -> SegmentPlan:
+    """Pack ``ids`` into steps of ``world_size`` same-bucket batches (module docstring, 2-4)."""
+    if len(ids) == 0:
+        return SegmentPlan([], [], [])
+    order = rng.permutation(ids)
+    d = seconds[order]
+    edges = np.quantile(d, np.linspace(0, 1, cfg.num_buckets + 1)[1:-1])
+    bucket_of = np.searchsorted(edges, d, side="right")
+    steps, buckets, carry, dropped = [], [], [], []
+    for b in range(cfg.num_buckets):
+        members = carry + order[bucket_of == b].tolist()
+        batches = _pack(members, seconds, cfg.max_batch_seconds, cfg.max_batch_size)
+        carry = []
+        if b < cfg.num_buckets - 1:
+            extra = len(batches) % world_size
+            if extra:
+                carry = [i for batch in batches[-extra:] for i in batch]
+                batches = batches[:-extra]
+        else:
+            while len(batches) % world_size and max(map(len, batches), default=1) > 1:
+                big = max(range(len(batches)), key=lambda k: len(batches[k]))
+                half = len(batches[big]) // 2
+                batches[big : big + 1] = [batches[big][:half], batches[big][half:]]
+            extra = len(batches) % world_size
+            if extra:
+                dropped = [i for batch in batches[-extra:] for i in batch]
+                batches = batches[:-extra]
+        for s in range(0, len(batches), world_size):
+            steps.append(batches[s : s + world_size])
+            buckets.append(b)
+    perm = rng.permutation(len(steps))
+    return SegmentPlan([steps[p] for p in perm], [buckets[p] for p in perm], dropped)
+
+
+def plan_epoch(
+    kept: np.ndarray,
+    seconds: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+    epoch: int,
+    segments: list[list[int]],
+) -> SegmentPlan:
+    """The plan of the last segment of ``segments`` (``[[world_size, steps_done], ...]``)."""
+    remaining = kept
+    for j, (world_size, done) in enumerate(segments):
+        rng = np.random.default_rng([seed, epoch, j])
+        plan = plan_segment(remaining, seconds, world_size, cfg, rng)
+        if j == len(segments) - 1:
+            return plan
+        consumed = {i for step in plan.steps[:done] for batch in step for i in batch}
+        remaining = np.array([i for i in remaining if i not in consumed], dtype=np.int64)
+    raise ValueError("segments must not be empty")
+
+
+def share_of_rank(reasons: list[str], rank: int, world_size: int) -> Counter:
+    """Rank ``rank``'s share of globally counted skips (each counted on exactly one rank)."""
+    return Counter(reasons[rank::world_size])

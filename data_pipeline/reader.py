@@ -1,0 +1,126 @@
+"""Read one planned batch from the shards: fetch, decode, check, tokenise, pad.
+
+Runs in the loader's worker processes. A sample that cannot be used is skipped and counted under
+its reason; nothing here raises on bad data:
+
+| reason | what was wrong |
+| --- | --- |
+| ``missing_shard`` | the shard file named by the index is gone |
+| ``corrupt_member`` | a member is cut short (truncated tar) or unpaired |
+| ``bad_label`` / ``empty_text`` | the JSON label is not UTF-8 JSON with a ``text`` / the text is empty |
+| ``corrupt_audio`` | the FLAC/WAV does not decode (truncated, garbage) |
+| ``empty_audio`` / ``nonfinite_audio`` | zero samples / NaN or infinite samples |
+| ``sample_rate`` | the audio's rate differs from its label's, or is below 8 kHz |
+| ``untokenizable`` | the tokenizer gives no tokens for the text |
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+
+from data_pipeline.audio import AudioError, decode_bytes
+from data_pipeline.index import AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, KEY, parse_label
+from data_pipeline.plan import Catalog
+
+ERROR_REASONS = (
+    "missing_shard",
+    "corrupt_member",
+    "bad_label",
+    "empty_text",
+    "corrupt_audio",
+    "empty_audio",
+    "nonfinite_audio",
+    "sample_rate",
+    "untokenizable",
+)
+
+
+def pad(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded ``[B, max_len]`` tensor and the lengths ``[B]`` (int64)."""
+    lens = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
+    out = torch.zeros(len(arrays), int(lens.max()) if len(arrays) else 0, dtype=dtype)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = torch.from_numpy(np.asarray(a))
+    return out, lens
+
+
+class BatchReader:
+    """Turns lists of sample ids into batch dicts; keeps open shard files per process."""
+
+    def __init__(self, catalog: Catalog, tokenizer=None):
+        self.catalog = catalog
+        self.tokenizer = tokenizer
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def _file(self, sid: int):
+        if self._pid != os.getpid():  # forked into a worker: handles are not shared
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(sid)
+        if f is None:
+            f = self._files[sid] = open(self.catalog.shard_paths[sid], "rb")
+        return f
+
+    def _member(self, f, offset: int, size: int) -> bytes:
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise AudioError("corrupt_member", f"member cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
+        """(float32 16 kHz audio, text, token ids) of sample ``i``; raises AudioError(reason)."""
+        row, sid = self.catalog.rows[i], int(self.catalog.shard_of[i])
+        try:
+            f = self._file(sid)
+        except FileNotFoundError as e:
+            raise AudioError("missing_shard", str(e)) from e
+        meta = parse_label(self._member(f, row[JSON_OFF], row[JSON_SIZE]))
+        audio = decode_bytes(
+            self._member(f, row[AUDIO_OFF], row[AUDIO_SIZE]), meta.get("sample_rate")
+        )
+        tokens = self.tokenizer.encode(meta["text"]) if self.tokenizer is not None else []
+        if self.tokenizer is not None and not tokens:
+            raise AudioError("untokenizable", f"no tokens for {meta['text']!r}")
+        return audio, meta["text"], tokens
+
+    def read_batch(self, ids: list[int], bucket: int = -1) -> dict:
+        """The batch dict of the loader contract plus ``_skipped``/``_shard_errors``/``_read``
+        (per-reason and per-shard counts, samples attempted), which the loader strips."""
+        audios, texts, tokens, keys = [], [], [], []
+        skipped: Counter = Counter()
+        shard_errors: Counter = Counter()
+        for i in ids:
+            try:
+                audio, text, toks = self.read_sample(i)
+            except AudioError as e:
+                skipped[e.reason] += 1
+                shard_errors[self.catalog.shard_paths[self.catalog.shard_of[i]]] += 1
+                continue
+            audios.append(audio)
+            texts.append(text)
+            tokens.append(np.asarray(toks, dtype=np.int64))
+            keys.append(self.catalog.rows[i][KEY])
+        audio_t, audio_lens = pad(audios, torch.float32)
+        tokens_t, token_lens = pad(tokens, torch.int64)
+        return {
+            "audio": audio_t,
+            "audio_lens": audio_lens,
+            "tokens": tokens_t,
+            "token_lens": token_lens,
+            "keys": keys,
+            "texts": texts,
+            "bucket": bucket,
+            "_skipped": dict(skipped),
+            "_shard_errors": dict(shard_errors),
+            "_read": len(ids),
+        }
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}

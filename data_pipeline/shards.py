@@ -1,0 +1,190 @@
+"""Write WebDataset tar shards: ``<key>.flac`` (16 kHz mono 16-bit) + ``<key>.json`` per sample.
+
+    records, problems = read_input("train.jsonl")          # data_pipeline.manifests
+    summary = make_shards(records, Path("shards/train"), problems=problems, shard_size=1000)
+
+Shard membership is fixed from the record order before any audio is read, so the output is the
+same bytes whatever the number of workers, and a rerun skips shards already on disk (each is
+written to a temporary name and renamed when complete). Inputs that cannot be read are listed in
+``DIR/report.jsonl`` with the reason; ``DIR/index.json`` is written last (``data_pipeline.index``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from data_pipeline.audio import SAMPLE_RATE, AudioError, encode_flac, read_file
+from data_pipeline.index import scan_shard, write_index
+from data_pipeline.manifests import Problem, Record
+
+REPORT_FILE = "report.jsonl"
+_PARTS = ".parts"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> None:
+    """Write ``(key, int16 16 kHz pcm, label)`` samples to ``path`` atomically.
+
+    The label must hold ``text``; ``duration`` and ``sample_rate`` are added.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, pcm, label in samples:
+            label = {
+                **label,
+                "duration": round(len(pcm) / SAMPLE_RATE, 4),
+                "sample_rate": SAMPLE_RATE,
+            }
+            _add(tar, f"{key}.flac", encode_flac(pcm))
+            _add(tar, f"{key}.json", json.dumps(label, ensure_ascii=False, sort_keys=True).encode())
+    tmp.replace(path)
+
+
+def _estimated_bytes(r: Record) -> int:
+    # Raw 16-bit PCM bytes; FLAC shards come out at roughly half of it for speech.
+    duration = r.duration
+    if duration is None:
+        try:
+            info = sf.info(r.path)
+            duration = info.frames / info.samplerate - r.start
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            duration = 0.0
+    return int(duration * SAMPLE_RATE * 2)
+
+
+def group_records(
+    records: Sequence[Record], shard_size: int | None, shard_bytes: int | None
+) -> list[list[Record]]:
+    """Consecutive records per shard: at most ``shard_size`` each, or about ``shard_bytes``."""
+    if shard_bytes is None:
+        size = shard_size or 1000
+        return [list(records[i : i + size]) for i in range(0, len(records), size)]
+    groups: list[list[Record]] = [[]]
+    used = 0
+    for r in records:
+        n = _estimated_bytes(r)
+        if groups[-1] and used + n > shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(r)
+        used += n
+    return [g for g in groups if g]
+
+
+def _problem_lines(problems: Iterable[Problem]) -> str:
+    return "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in problems)
+
+
+def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
+    path, records = job
+    part = path.parent / _PARTS / f"{path.name}.report.jsonl"
+    if path.is_file() and part.is_file():
+        return scan_shard(path), False
+    problems: list[Problem] = []
+
+    def samples():
+        for r in records:
+            if not r.text.strip():
+                problems.append(Problem(r.key, r.path, "empty_text", "empty transcript"))
+                continue
+            try:
+                pcm = read_file(r.path, r.start, r.duration)
+            except AudioError as e:
+                problems.append(Problem(r.key, r.path, e.reason, str(e)))
+                continue
+            yield r.key, pcm, {"text": r.text, **r.meta}
+
+    write_shard(path, samples())
+    part.write_text(_problem_lines(problems))
+    return scan_shard(path), True
+
+
+def run_jobs(fn: Callable, jobs: list, workers: int, desc: str, progress: bool) -> list:
+    """``[fn(job) for job in jobs]`` over ``workers`` processes, in order, with a progress bar."""
+    from tqdm import tqdm
+
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress)
+    results = []
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
+        for result in pool.imap(fn, jobs):
+            results.append(result)
+            bar.update(1)
+    bar.close()
+    return results
+
+
+class _Serial:
+    """``Pool.imap`` in this process (no fork for a single worker)."""
+
+    def imap(self, fn, jobs):
+        return map(fn, jobs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@dataclasses.dataclass
+class ShardSummary:
+    out: Path
+    shards: int
+    written: int
+    """Shards written by this run (the others were already complete)."""
+    samples: int
+    hours: float
+    problems: int
+    """Inputs left out, listed in ``report.jsonl``."""
+
+
+def make_shards(
+    records: Sequence[Record],
+    out: Path,
+    *,
+    problems: Sequence[Problem] = (),
+    shard_size: int | None = 1000,
+    shard_bytes: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> ShardSummary:
+    """Shard ``records`` into ``out`` (see the module docstring); returns what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _PARTS).mkdir(exist_ok=True)
+    groups = group_records(records, shard_size, shard_bytes)
+    jobs = [(out / shard_name(i), g) for i, g in enumerate(groups)]
+    results = run_jobs(_build_shard, jobs, workers or os.cpu_count() or 1, "shards", progress)
+    index = [entry for entry, _ in results]
+    write_index(out, index)
+    lines = _problem_lines(problems) + "".join(
+        (out / _PARTS / f"{path.name}.report.jsonl").read_text() for path, _ in jobs
+    )
+    (out / REPORT_FILE).write_text(lines)
+    return ShardSummary(
+        out=out,
+        shards=len(index),
+        written=sum(w for _, w in results),
+        samples=sum(e["num_samples"] for e in index),
+        hours=sum(e["duration"] for e in index) / 3600,
+        problems=lines.count("\n"),
+    )
