@@ -105,14 +105,12 @@ def _compare(cfg: MoEConfig, checkpoint: str | None = None) -> None:
 BASE = MoEConfig(num_experts=E, capacity_factor=1.0, balance_loss_weight=0.1, z_loss_weight=0.01)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("k", [1, 2])
 def test_zero2_expert_parallel_matches_single_process(k):
     _compare(dataclasses.replace(BASE, top_k=k))
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_zero2_with_non_reentrant_activation_checkpointing_and_shared_router():
     _compare(dataclasses.replace(BASE, dropless=True, dispatch="stock"), "non_reentrant")

@@ -226,3 +226,18 @@ def test_fewer_real_frames_than_min_capacity_and_none_at_all(k, dispatch):
     assert (empty.out == 0).all() and empty.stats.expert.shape == (0, k)
     assert empty.balance_loss.item() == 0 and empty.z_loss.item() == 0
     (empty.out.sum() + empty.balance_loss + empty.z_loss).backward()
+
+
+def test_router_is_a_drop_in_gate_for_stock_moe_with_used_token():
+    """Called by DeepSpeed's own MoE.forward with its used_token mask, pads are never routed."""
+    torch.manual_seed(13)
+    ours, stock = _stock_pair(2, False, "stock")
+    stock.deepspeed_moe.gate = ours.router
+    x = torch.randn(2, 9, D)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 4:] = True
+    out, l_aux, _ = stock(x, (~pad).reshape(-1).float())
+    res = ours(x, pad)
+    torch.testing.assert_close(out, res.out)
+    torch.testing.assert_close(l_aux, res.balance_loss)
+    assert (out[pad] == 0).all()
