@@ -242,7 +242,7 @@ class MoEFeedForward(nn.Module):
     def _stock_dispatch(self, tokens: Tensor, routing: Routing, ep_group) -> Tensor:
         # All ranks of an expert-parallel group exchange equal [E, C, d] buffers, so C is the
         # largest capacity in the group (ranks hold different numbers of real frames).
-        capacity = torch.tensor(max(routing.capacity, 1))
+        capacity = torch.tensor(max(routing.capacity, 1), device=tokens.device)  # NCCL: on GPU
         if self.cfg.ep_size > 1:
             torch.distributed.all_reduce(capacity, torch.distributed.ReduceOp.MAX, group=ep_group)
         routing = dataclasses.replace(routing, capacity=int(capacity))
