@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "transcribe": "transcribe",
     "eval": "eval",
     "analyze": "analyze",
+    "synth": "synth",
+    "make-shards": "make_shards",
+    "train-tokenizer": "train_tokenizer",
 }
 
 
