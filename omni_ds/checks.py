@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omni_ds.config import ConfigError, load_config
+from omni_ds.config import load_config
 
 
 def _did_you_mean(key: str, options: list[str]) -> str:
@@ -275,6 +275,10 @@ def _paths_in(obj: Any, where: str):
             for i, item in enumerate(value):
                 if isinstance(item, Path):
                     yield f"{key}[{i}]", item
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if isinstance(item, Path):
+                    yield f"{key}.{name}", item
 
 
 def check_files(cfg: Any) -> list[str]:
@@ -299,7 +303,7 @@ def check_experiment(
     """Load and check an experiment; returns (config or None, DeepSpeed dict or None, problems)."""
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or data_pipeline's plain ValueError
         return None, None, [str(e)]
     problems = check_files(cfg)
     ds = None

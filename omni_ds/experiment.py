@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from data_pipeline.config import DataConfig
 from omni_ds.model import ModelConfig
 from omni_ds.train_config import CheckpointConfig, TrainConfig
 
@@ -19,6 +20,8 @@ class ExperimentConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The encoder: shape, front end, router mode and experts (``omni_ds.model.ModelConfig``)."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Train and dev shards, tokenizer, filters and batching (``data_pipeline.config``)."""
     deepspeed: Path = Path("ds_configs/zero2_bf16.json")
     """The DeepSpeed JSON (batch sizes, optimizer, scheduler, ZeRO stage, precision, clipping,
     monitors); authoritative for everything DeepSpeed owns. See README "Editing DeepSpeed JSON

@@ -84,6 +84,19 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Counters whose keys may differ between ranks (e.g. skip reasons), summed over ranks."""
+    if not tdist.is_initialized():
+        return dict(counts)
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))
+
+
 def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
     """L2 norm of all gradients with every expert counted once (for ZeRO stage 0, where
     DeepSpeed reports none and its clipping norm mis-counts experts, DeepSpeed issue 8475).
