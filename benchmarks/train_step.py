@@ -100,6 +100,7 @@ def main() -> None:
     info = dist.init_distributed()
     cfg = load_config(args.config, args.overrides)
     ds = read_ds_config(args.ds)
+    ds.pop("tensorboard", None)  # no run directory here
     bf16 = bool((ds.get("bf16") or {}).get("enabled"))
     opt = ds["optimizer"]["params"]
     torch.manual_seed(0)

@@ -36,6 +36,7 @@ def run_steps(run_dir: str, ep_size: int, steps: int, resume: str | None) -> dic
     dist.seed_everything(0, info.rank)
     ds = json.loads((REPO / "ds_configs" / "zero1_fp32.json").read_text())
     ds["zero_optimization"]["stage"] = 2
+    ds["tensorboard"]["enabled"] = False
     engine = build_engine(TinyMoE(ep_size=ep_size), ds)
     ckpt = Checkpointer(engine, Path(run_dir), CheckpointConfig(keep_last=2), ep_size=ep_size)
     start, data_state = 0, None
@@ -81,6 +82,7 @@ def load_on_one_rank(path: str) -> str:
 
     dist.init_distributed()
     ds = json.loads((REPO / "ds_configs" / "zero1_fp32.json").read_text())
+    ds["tensorboard"]["enabled"] = False
     engine = build_engine(TinyMoE(ep_size=1), ds)
     ckpt = Checkpointer(engine, Path(path).parents[1], CheckpointConfig(), ep_size=1)
     try:

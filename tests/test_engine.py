@@ -37,6 +37,7 @@ def _model(ep_size: int, rank: int):
 def _ds(name: str, **changes) -> dict:
     ds = json.loads((REPO / "ds_configs" / name).read_text())
     ds["scheduler"]["params"].update(warmup_num_steps=1, warmup_max_lr=1e-2)
+    ds["tensorboard"]["enabled"] = False  # omni-ds train points it into a run dir; no run here
     ds.update(changes)
     return ds
 
