@@ -10,23 +10,24 @@ its reference text untouched. A test set PATH is one of:
 - a NeMo-style JSONL manifest: one ``{"audio_filepath", "text"[, "offset", "duration"]}`` per
   line, relative paths taken from the manifest's directory.
 
-Audio is decoded with soundfile, mixed down to mono and resampled to 16 kHz (soxr) if needed.
+Audio goes through ``data_pipeline.audio``, as in training: mixed down to mono and resampled to
+16 kHz (soxr) if needed; manifest audio is quantised to 16-bit as ``make-shards`` would store it.
+An unreadable file stops the evaluation with its name (skipping it would change the WER).
 Batches hold consecutive utterances while ``longest × count`` stays within ``batch_seconds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-SAMPLE_RATE = 16000
+from data_pipeline.audio import SAMPLE_RATE, AudioError, decode_bytes, read_file
+
 AUDIO_EXTENSIONS = (".flac", ".wav")
 
 
@@ -38,20 +39,9 @@ class Utterance:
     text: str
 
 
-def to_16k_mono(audio: np.ndarray, rate: int) -> np.ndarray:
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        audio = soxr.resample(audio, rate, SAMPLE_RATE)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def read_audio_file(path: str | Path) -> np.ndarray:
-    """A whole audio file as float32 16 kHz mono."""
-    audio, rate = sf.read(str(path), dtype="float32")
-    return to_16k_mono(audio, rate)
+def read_audio_file(path: str | Path, start: float = 0.0, duration: float | None = None):
+    """A file (or a segment of it, in seconds) as float32 16 kHz mono."""
+    return read_file(str(path), start, duration).astype(np.float32) / 32768.0
 
 
 def _read_tar(path: Path) -> Iterator[Utterance]:
@@ -69,8 +59,11 @@ def _read_tar(path: Path) -> Iterator[Utterance]:
                 entry["meta"] = json.loads(data)
             if "audio" in entry and "meta" in entry:
                 del pending[key]
-                audio, rate = sf.read(io.BytesIO(entry["audio"]), dtype="float32")
-                yield Utterance(key, to_16k_mono(audio, rate), entry["meta"]["text"])
+                try:
+                    audio = decode_bytes(entry["audio"])
+                except AudioError as e:
+                    raise AudioError(e.reason, f"{path}: sample {key!r}: {e}") from e
+                yield Utterance(key, audio, entry["meta"]["text"])
     if pending:
         raise ValueError(
             f"{path}: {len(pending)} samples lack audio or a json label (e.g. "
@@ -87,12 +80,11 @@ def _read_manifest(path: Path) -> Iterator[Utterance]:
             audio_path = Path(row["audio_filepath"])
             if not audio_path.is_absolute():
                 audio_path = path.parent / audio_path
-            info = sf.info(str(audio_path))
-            start = int(float(row.get("offset", 0.0)) * info.samplerate)
-            frames = int(float(row["duration"]) * info.samplerate) if row.get("offset") else -1
-            audio, rate = sf.read(str(audio_path), start=start, frames=frames, dtype="float32")
+            # with an offset, duration delimits a segment; without, it describes the whole file
+            offset = float(row.get("offset", 0.0))
+            duration = float(row["duration"]) if "offset" in row else None
             key = row.get("key") or f"{audio_path.stem}-{line_no}"
-            yield Utterance(key, to_16k_mono(audio, rate), row["text"])
+            yield Utterance(key, read_audio_file(audio_path, offset, duration), row["text"])
 
 
 def read_test_set(path: str | Path) -> Iterator[Utterance]:
