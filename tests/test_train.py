@@ -1,0 +1,198 @@
+"""omni-ds train end to end: real DeepSpeed, 2 gloo ranks, ep_size=2, the synthetic corpus.
+
+Each test runs the CLI through the harness as a launcher would, then reads what a user would:
+``metrics.jsonl``, ``samples/rank<R>.jsonl``, ``checkpoints/``, exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_command, start_command
+
+from omni_ds.checkpoint import MANIFEST, latest_checkpoint
+from omni_ds.metrics import read_metrics
+from omni_ds.train import EXIT_REQUEUE
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from data_pipeline.synth import generate
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate(out, train_utterances=240, shard_size=60, vocab_size=64, workers=1, progress=False)
+    return out
+
+
+def train_argv(corpus: Path, run_dir: Path, *sets: str, ds: str = "zero1_fp32.json") -> list:
+    """``omni-ds train configs/tiny.yaml`` on ``corpus``, 2-rank expert parallel, small batches."""
+    options = [
+        f"train.run_dir={run_dir}",
+        f"data.train=[{corpus}/train]",
+        f"data.dev={{dev: {corpus}/dev}}",
+        f"data.tokenizer={corpus}/tokenizer.model",
+        "data.max_batch_seconds=30",
+        "data.num_workers=0",
+        f"deepspeed=ds_configs/{ds}",
+        "model.moe.ep_size=2",
+        "train.log_every=1",
+        "train.progress_bar=false",
+        *sets,
+    ]
+    return ["omni-ds", "train", "configs/tiny.yaml", *[a for o in options for a in ("--set", o)]]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def sample_log(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    lines = (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
+
+
+def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint: the dense module state plus each expert file."""
+    state = dict(
+        torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    )
+    for f in sorted(checkpoint.glob("layer_*_expert_*_model_states.pt")):
+        state.update(torch.load(f, weights_only=False))
+    return state
+
+
+def test_two_ranks_zero2_expert_parallel_omni_router_loss_falls(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_command(train_argv(corpus, run, "train.max_steps=20", ds="zero2_bf16.json"), 2)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    first = sum(r["loss"] for r in records[:3]) / 3
+    last = sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    final = records[-1]
+    assert 0 < final["grad_norm"] < float("inf") and final["lr"] > 0
+    assert final["mfu"] > 0 and final["audio_seconds_per_s"] > 0 and final["tokens_per_s"] > 0
+    assert sum(final[f"routing/layer0/usage{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert "routing/layer3/entropy" in final and "balance" in final and "z" in final
+    (dev,) = read_metrics(run, kind="dev/dev")
+    assert dev["step"] == 20 and dev["utterances"] == 20 and 0 <= dev["wer"]
+    assert (run / "config.yaml").is_file() and "ep_size: 2" in (run / "config.yaml").read_text()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_20"
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_gives_the_straight_run(corpus, tmp_path):
+    """N+M steps straight vs killed with -9 after a checkpoint and resumed with --resume auto:
+    the same losses, the same samples at every step on every rank, the same final weights."""
+    # Small batches, so that all 12 steps stay inside the first epoch.
+    sets = ("train.max_steps=12", "checkpoint.every_steps=4", "train.log_samples=true",
+            "data.max_duration=8", "data.max_batch_seconds=8")  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_command(train_argv(corpus, straight, *sets), 2)
+
+    with start_command(train_argv(corpus, resumed, *sets), 2) as group:
+        while latest_checkpoint(resumed / "checkpoints") is None:
+            assert all(p.poll() is None for p in group.procs), "run ended before a checkpoint"
+            time.sleep(0.01)
+        group.kill()  # SIGKILL to every rank's process group
+    killed_at = int(latest_checkpoint(resumed / "checkpoints").name.split("_")[1])
+    assert killed_at < 12
+    run_command(train_argv(corpus, resumed, *sets) + ["--resume", "auto"], 2)
+
+    assert losses(resumed) == losses(straight)
+    keys = []
+    for rank in range(2):
+        assert sample_log(resumed, rank) == sample_log(straight, rank)
+        keys += [k for _, batch in sample_log(resumed, rank) for k in batch]
+    assert len(keys) == len(set(keys)) > 12 * 2  # no utterance twice within the epoch
+    a = final_weights(straight / "checkpoints" / "step_12")
+    b = final_weights(resumed / "checkpoints" / "step_12")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_save_keeps_the_previous_one(corpus, tmp_path):
+    run = tmp_path / "run"
+    argv = train_argv(corpus, run, "train.max_steps=40", "checkpoint.every_steps=2")
+    ckpts = run / "checkpoints"
+    with start_command(argv, 2) as group:
+        # Wait until a save is under way: a tag directory with files but no manifest yet, while
+        # an earlier checkpoint is complete.
+        while True:
+            assert all(p.poll() is None for p in group.procs), "run ended before a save was hit"
+            partial = [
+                d for d in ckpts.glob("step_*")
+                if not (d / MANIFEST).exists() and any(d.iterdir())
+            ]  # fmt: skip
+            if partial and latest_checkpoint(ckpts) is not None:
+                break
+        group.kill()
+    (interrupted,) = partial
+    assert not (interrupted / MANIFEST).exists()
+    previous = latest_checkpoint(ckpts)
+    step = int(previous.name.split("_")[1])
+    assert step < int(interrupted.name.split("_")[1])
+
+    resume = train_argv(corpus, run, f"train.max_steps={step + 2}", "checkpoint.every_steps=2")
+    run_command(resume, 2)
+    assert sorted(losses(run)) == list(range(1, step + 3))
+    assert latest_checkpoint(ckpts).name == f"step_{step + 2}"
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(corpus, tmp_path):
+    run = tmp_path / "run"
+    # Decoding workers on: the signal reaches them too (SLURM signals every process of the step)
+    # and they must ignore it.
+    sets = ("train.max_steps=500", "checkpoint.every_steps=0", "data.num_workers=1")
+    with start_command(train_argv(corpus, run, *sets), 2) as group:
+        while len(read_metrics(run)) < 3:
+            assert all(p.poll() is None for p in group.procs), "run ended early"
+            time.sleep(0.05)
+        for p in group.procs:
+            os.killpg(p.pid, signal.SIGUSR1)
+        results = group.wait(timeout=120, check=False)
+    assert [r.returncode for r in results] == [EXIT_REQUEUE] * 2, results[0].stderr[-3000:]
+    saved = latest_checkpoint(run / "checkpoints")
+    step = int(saved.name.split("_")[1])
+    assert 3 <= step < 500
+    assert max(losses(run)) == step  # saved at the step boundary right after the signal
+
+    run_command(train_argv(corpus, run, *sets[1:], f"train.max_steps={step + 2}"), 2)
+    assert sorted(losses(run)) == list(range(1, step + 3))
+
+
+def test_diverging_run_stops_after_k_nonfinite_losses(corpus, tmp_path):
+    ds = json.loads(Path("ds_configs/zero1_fp32.json").read_text())
+    ds["optimizer"]["params"]["lr"] = 1e30
+    del ds["scheduler"]  # constant learning rate
+    ds["gradient_clipping"] = 0.0
+    (tmp_path / "diverge.json").write_text(json.dumps(ds))
+    argv = train_argv(corpus, tmp_path / "run", "train.max_steps=50", "model.moe.ep_size=1",
+                      "train.max_nonfinite_in_a_row=3", f"deepspeed={tmp_path}/diverge.json")  # fmt: skip
+    (result,) = run_command(argv, 1, check=False)
+    assert result.returncode != 0
+    assert "NonFiniteLoss: 3 non-finite losses in a row" in result.stderr
+    assert losses(tmp_path / "run")  # the finite steps before were trained and logged
+
+
+def test_train_refuses_a_bad_config_before_starting(corpus, tmp_path, capsys):
+    from omni_ds.cli import main
+
+    argv = train_argv(corpus, tmp_path / "run", "model.moe.ep_size=3")[1:]
+    assert main(argv) == 2
+    assert "ep_size" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
