@@ -12,6 +12,11 @@ its reason; nothing here raises on bad data:
 | ``empty_audio`` / ``nonfinite_audio`` | zero samples / NaN or infinite samples |
 | ``sample_rate`` | the audio's rate differs from its label's, or is below 8 kHz |
 | ``untokenizable`` | the tokenizer gives no tokens for the text |
+
+A batch whose every sample was skipped cannot simply vanish (every rank must take the same number
+of steps, and a model cannot run on zero rows), so it becomes a *filler*: one second of silence
+with an empty transcript, key ``<filler>``, counted under ``filler_batches``. Its CTC target is
+empty, so it teaches only that silence is blank.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from data_pipeline.audio import AudioError, decode_bytes
+from data_pipeline.audio import SAMPLE_RATE, AudioError, decode_bytes
 from data_pipeline.index import AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, KEY, parse_label
 from data_pipeline.plan import Catalog
 
@@ -39,10 +44,13 @@ ERROR_REASONS = (
 )
 
 
+FILLER_KEY = "<filler>"
+
+
 def pad(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded ``[B, max_len]`` tensor and the lengths ``[B]`` (int64)."""
+    """Zero-padded ``[B, max(1, max_len)]`` tensor and the lengths ``[B]`` (int64)."""
     lens = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
-    out = torch.zeros(len(arrays), int(lens.max()) if len(arrays) else 0, dtype=dtype)
+    out = torch.zeros(len(arrays), max(1, int(lens.max())), dtype=dtype)
     for i, a in enumerate(arrays):
         out[i, : len(a)] = torch.from_numpy(np.asarray(a))
     return out, lens
@@ -105,6 +113,14 @@ class BatchReader:
             texts.append(text)
             tokens.append(np.asarray(toks, dtype=np.int64))
             keys.append(self.catalog.rows[i][KEY])
+        if not keys:
+            audios, texts, tokens, keys = (
+                [np.zeros(SAMPLE_RATE, np.float32)],
+                [""],
+                [[]],
+                [FILLER_KEY],
+            )
+            skipped["filler_batches"] += 1
         audio_t, audio_lens = pad(audios, torch.float32)
         tokens_t, token_lens = pad(tokens, torch.int64)
         return {
