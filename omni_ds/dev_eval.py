@@ -11,7 +11,7 @@ import torch
 import torch.distributed as tdist
 
 from omni_ds.eval.wer import score_set
-from omni_ds.model import greedy_transcripts
+from omni_ds.model import greedy_decode
 
 
 def _gather(obj):
@@ -41,7 +41,10 @@ def dev_scores(engine, dev_sets: dict, tokenizer, max_batches: int = 0) -> dict[
             nll += float(loss.ctc) * n
             tokens += n
             refs += list(batch["texts"])
-            hyps += greedy_transcripts(out.logits.float(), out.out_lens, tokenizer)
+            # Ids past the tokenizer (model.vocab_size may be larger) are never targets; an
+            # untrained model can still emit them.
+            for ids in greedy_decode(out.logits.float(), out.out_lens):
+                hyps.append(tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]))
         gathered = _gather((nll, tokens, refs, hyps))
         total_nll = sum(g[0] for g in gathered)
         total_tokens = sum(g[1] for g in gathered)

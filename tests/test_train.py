@@ -123,25 +123,41 @@ def test_kill9_and_resume_gives_the_straight_run(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _saving(ckpts: Path) -> Path | None:
+    """A tag directory being written (files, no manifest yet) newer than a complete one."""
+    complete = latest_checkpoint(ckpts)
+    if complete is None:
+        return None
+    newest = int(complete.name.split("_")[1])
+    for d in ckpts.glob("step_*"):
+        try:
+            if int(d.name.split("_")[1]) > newest and any(d.iterdir()):
+                return d if not (d / MANIFEST).exists() else None
+        except FileNotFoundError:  # removed while we looked
+            continue
+    return None
+
+
+def _kill_mid_save(argv: list, ckpts: Path) -> Path | None:
+    """Start ``argv``, SIGKILL every rank while a checkpoint is being written; returns the
+    interrupted tag if the kill landed before its manifest (it can land just after)."""
+    with start_command(argv, 2) as group:
+        while (saving := _saving(ckpts)) is None:
+            assert all(p.poll() is None for p in group.procs), "run ended before a save was hit"
+        group.kill()
+    return saving if not (saving / MANIFEST).exists() else None
+
+
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_save_keeps_the_previous_one(corpus, tmp_path):
     run = tmp_path / "run"
-    argv = train_argv(corpus, run, "train.max_steps=40", "checkpoint.every_steps=2")
+    argv = train_argv(corpus, run, "train.max_steps=60", "checkpoint.every_steps=2")
     ckpts = run / "checkpoints"
-    with start_command(argv, 2) as group:
-        # Wait until a save is under way: a tag directory with files but no manifest yet, while
-        # an earlier checkpoint is complete.
-        while True:
-            assert all(p.poll() is None for p in group.procs), "run ended before a save was hit"
-            partial = [
-                d for d in ckpts.glob("step_*")
-                if not (d / MANIFEST).exists() and any(d.iterdir())
-            ]  # fmt: skip
-            if partial and latest_checkpoint(ckpts) is not None:
-                break
-        group.kill()
-    (interrupted,) = partial
-    assert not (interrupted / MANIFEST).exists()
+    for _ in range(3):  # each attempt resumes the previous one's checkpoints
+        interrupted = _kill_mid_save(argv, ckpts)
+        if interrupted is not None:
+            break
+    assert interrupted is not None, "no kill landed inside a save in 3 attempts"
     previous = latest_checkpoint(ckpts)
     step = int(previous.name.split("_")[1])
     assert step < int(interrupted.name.split("_")[1])
