@@ -176,3 +176,37 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     assert len(analysis["rasters"]) == 4
     for png in ("usage.png", "entropy.png", "agreement.png", "rasters.png"):
         assert matplotlib.image.imread(out / png).shape[0] > 200
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_export_of_an_omni_ds_train_run_scores_like_its_dev_eval(tmp_path, capsys):
+    """A run of ``omni-ds train`` (2 ranks, ep_size=2) exports with what the run dir holds (its
+    config.yaml, the tokenizer named by data.tokenizer), and ``omni-ds eval`` of the export on
+    the dev set agrees with the dev evaluation the live training engine logged."""
+    from harness import run_command
+
+    from data_pipeline.synth import generate
+    from omni_ds.metrics import read_metrics
+
+    corpus, run = tmp_path / "corpus", tmp_path / "run"
+    generate(corpus, train_utterances=120, shard_size=60, vocab_size=64, workers=1, progress=False)
+    options = [
+        f"train.run_dir={run}", f"data.train=[{corpus}/train]", f"data.dev={{dev: {corpus}/dev}}",
+        f"data.tokenizer={corpus}/tokenizer.model", "data.max_batch_seconds=30",
+        "data.num_workers=0", "deepspeed=ds_configs/zero1_fp32.json", "model.vocab_size=64",
+        "model.moe.ep_size=2", "train.max_steps=12", "train.progress_bar=false",
+    ]  # fmt: skip
+    argv = ["omni-ds", "train", "configs/tiny.yaml", *[a for o in options for a in ("--set", o)]]
+    run_command(argv, 2, timeout=400)
+    (dev,) = read_metrics(run, kind="dev/dev")
+
+    model = tmp_path / "model"
+    assert main(["export", str(run), "--out", str(model)]) == 0
+    assert "exported step 12" in capsys.readouterr().out
+    assert (model / "tokenizer.model").read_bytes() == (corpus / "tokenizer.model").read_bytes()
+    out = tmp_path / "eval"
+    assert main(["eval", str(model), "--test-set", f"dev={corpus / 'dev'}", "--out", str(out)]) == 0
+    (scored,) = json.loads((out / "eval.json").read_text())["models"]
+    assert scored["sets"]["dev"]["utterances"] == dev["utterances"]
+    assert scored["sets"]["dev"]["wer"] == pytest.approx(dev["wer"], abs=1e-12)

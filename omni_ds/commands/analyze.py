@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from omni_ds.analysis import RoutingCollector, set_random_routing
     from omni_ds.analysis_plots import save_plots
     from omni_ds.eval.inference import Transcriber, transcribe_batches
-    from omni_ds.eval.test_sets import open_test_set
+    from omni_ds.eval.test_sets import count_utterances, open_test_set
     from omni_ds.eval.wer import score_set
     from omni_ds.model_dir import load_model_dir
 
@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
     def decode(desc: str, collector=None):
         batches = open_test_set(args.test_set, batch_seconds=args.batch_seconds)
         return transcribe_batches(
-            transcriber, batches, collector=collector, desc=desc, max_batches=args.max_batches
+            transcriber,
+            batches,
+            collector=collector,
+            desc=desc,
+            total=None if args.max_batches else count_utterances(args.test_set),
+            max_batches=args.max_batches,
         )
 
     collector = RoutingCollector(moe.num_experts, num_rasters=args.rasters)

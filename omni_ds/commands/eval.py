@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from omni_ds.eval.compare import comparison_markdown
     from omni_ds.eval.inference import Transcriber, transcribe_batches
-    from omni_ds.eval.test_sets import open_test_set
+    from omni_ds.eval.test_sets import count_utterances, open_test_set
     from omni_ds.eval.wer import EvalReport, markdown_table, score_set, write_csv, write_json
     from omni_ds.model_dir import load_model_dir
 
@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         scores = {}
         for set_name, path in sets.items():
             batches = open_test_set(path, batch_seconds=args.batch_seconds)
-            result = transcribe_batches(transcriber, batches, desc=f"{name}/{set_name}")
+            result = transcribe_batches(
+                transcriber, batches, desc=f"{name}/{set_name}", total=count_utterances(path)
+            )
             (out / "hyps" / name).mkdir(parents=True, exist_ok=True)
             result.write_tsv(out / "hyps" / name / f"{set_name}.tsv")
             scores[set_name] = score_set(result.refs, result.hyps)

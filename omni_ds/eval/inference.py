@@ -78,15 +78,18 @@ def transcribe_batches(
     total: int | None = None,
     max_batches: int = 0,
 ) -> Transcripts:
-    """Decode loader batches (``audio``, ``audio_lens``, ``keys``, ``texts``) with a progress bar."""
+    """Decode loader batches (``audio``, ``audio_lens``, ``keys``, ``texts``); the progress bar
+    counts utterances (``total`` of them, if known)."""
     from tqdm import tqdm
 
     result = Transcripts()
-    for i, batch in enumerate(tqdm(batches, desc=desc, total=total, unit="batch", leave=False)):
-        if max_batches and i >= max_batches:
-            break
-        ids = transcriber.decode(batch["audio"], batch["audio_lens"], collector, batch["keys"])
-        result.keys.extend(batch["keys"])
-        result.refs.extend(batch["texts"])
-        result.hyps.extend(transcriber.texts(ids))
+    with tqdm(desc=desc, total=total, unit="utt", leave=False) as bar:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            ids = transcriber.decode(batch["audio"], batch["audio_lens"], collector, batch["keys"])
+            result.keys.extend(batch["keys"])
+            result.refs.extend(batch["texts"])
+            result.hyps.extend(transcriber.texts(ids))
+            bar.update(len(batch["keys"]))
     return result

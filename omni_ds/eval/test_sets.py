@@ -104,6 +104,18 @@ def read_test_set(path: str | Path) -> Iterator[Utterance]:
         raise FileNotFoundError(f"{path}: not a shard directory, a .tar shard or a .jsonl manifest")
 
 
+def count_utterances(path: str | Path) -> int | None:
+    """Utterances in the test set without decoding it (for the progress bar), if cheaply known:
+    from a shard directory's ``index.json`` or a manifest's lines."""
+    path = Path(path)
+    if path.is_dir() and (path / "index.json").is_file():
+        index = json.loads((path / "index.json").read_text())
+        return sum(s["num_samples"] for s in index["shards"])
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        return sum(1 for line in open(path) if line.strip())
+    return None
+
+
 def open_test_set(path: str | Path, batch_seconds: float = 200.0) -> Iterator[dict]:
     """Batches ``{"audio", "audio_lens", "keys", "texts"}`` (the loader's keys) of the test set."""
     from omni_ds.eval.inference import pad_batch
