@@ -53,7 +53,10 @@ class Transcriber:
         return ctc_greedy(logits, out.out_lens)
 
     def texts(self, ids: list[list[int]]) -> list[str]:
-        return [self.loaded.tokenizer.decode(x) for x in ids]
+        # Ids past the tokenizer (model.vocab_size may be larger) are never training targets; an
+        # undertrained model can still emit them. Dropped, as the training's dev evaluation does.
+        tok = self.loaded.tokenizer
+        return [tok.decode([i for i in x if i < tok.vocab_size]) for x in ids]
 
 
 @dataclasses.dataclass
