@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "synth": "synth",
     "make-shards": "make_shards",
     "train-tokenizer": "train_tokenizer",
+    "submit": "submit",
 }
 
 
