@@ -231,8 +231,8 @@ class Checkpointer:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
         if (manifest["world_size"], manifest["ep_size"]) != (self.world_size, self.ep_size):
             raise CheckpointError(
-                f"{path} was written by {manifest['world_size']} ranks with ep_size "
-                f"{manifest['ep_size']}; this run has {self.world_size} ranks with ep_size "
+                f"{path} was written by {manifest['world_size']} rank(s) with ep_size "
+                f"{manifest['ep_size']}; this run has {self.world_size} rank(s) with ep_size "
                 f"{self.ep_size}. Resuming on a different world size or ep_size needs the "
                 "checkpoint resharded first; run with the original layout, or start a new run dir"
             )

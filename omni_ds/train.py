@@ -83,8 +83,6 @@ def train(cfg: ExperimentConfig, ds_config: dict) -> int:
     """Train ``cfg`` (already checked) with DeepSpeed ``ds_config``; returns the exit code."""
     info = dist.init_distributed()
     run_dir = Path(cfg.train.run_dir)
-    if info.is_main:
-        _write_resolved_config(cfg, run_dir)
     dist.seed_everything(cfg.train.seed, info.rank)
     # Before the loader starts workers: forked workers inherit the harmless flag handler.
     with StopRequest() as stop:
@@ -103,6 +101,8 @@ def train(cfg: ExperimentConfig, ds_config: dict) -> int:
         batches = iter(loader)
         if client is not None:  # last: creating the iterator above draws from the torch RNG
             checkpoints.restore_rng(client)
+        if info.is_main:  # only once the checkpoint (if any) was accepted
+            _write_resolved_config(cfg, run_dir)
         metrics = MetricsLog(run_dir, engine.monitor, rank=info.rank)
         sample_log = None
         if cfg.train.log_samples:

@@ -98,7 +98,9 @@ def test_different_world_size_or_ep_size_is_refused_before_loading(tmp_path):
     run_function(run_steps, 2, args=(str(tmp_path), 2, 2, None), timeout=240)
     path = str(tmp_path / "checkpoints" / "step_2")
     (message,) = run_function(load_on_one_rank, 1, args=(path,), timeout=240)
-    assert "was written by 2 ranks with ep_size 2; this run has 1 ranks with ep_size 1" in message
+    assert (
+        "was written by 2 rank(s) with ep_size 2; this run has 1 rank(s) with ep_size 1" in message
+    )
     assert "needs the checkpoint resharded first" in message
 
 
