@@ -10,7 +10,8 @@
 # then: export SLURM_CONF=$SLURM_LOCAL_DIR/etc/slurm.conf; sbatch ...; squeue; scontrol ...
 #
 # Environment (same values for up, status and down):
-#   SLURM_LOCAL_DIR   everything lives here; wiped by `up` (default /tmp/omni-ds-slurm)
+#   SLURM_LOCAL_DIR   everything lives here; wiped by `up` (default /tmp/omni-ds-slurm); munged
+#                     needs every parent directory searchable by all (o+x)
 #   SLURM_LOCAL_PORT  slurmctld port; node i's slurmd listens on PORT+i (default 6817)
 #   SLURM_NNODES      simulated nodes n1..nN (default 2); names must resolve, so `up` adds
 #                     "127.0.0.1 n1 ..." to /etc/hosts when they do not (root)
@@ -151,6 +152,10 @@ cmd_up() {
     --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed"
   local i
   for i in $(seq 1 100); do [ -S "$D/munge/munge.socket" ] && break; sleep 0.05; done
+  if [ ! -S "$D/munge/munge.socket" ]; then
+    # e.g. "execute permissions for all required": every parent of $D needs o+x
+    echo "munged did not start:" >&2; cat "$D/log/munged.log" >&2; return 1
+  fi
   munge -n -S "$D/munge/munge.socket" | unmunge -S "$D/munge/munge.socket" >/dev/null
 
   start slurmctld /usr/sbin/slurmctld -D -i -f "$SLURM_CONF"
