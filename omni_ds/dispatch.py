@@ -63,7 +63,7 @@ def grouped_dispatch(
         y = _expert_parallel(x, counts, experts, ep_group, ep_size)
     # fp32 combine, like DeepSpeed's decode, then back to the activation dtype.
     out = tokens.new_zeros(tokens.shape, dtype=torch.float32)
-    out = out.index_add(0, token, y.float() * weight[:, None])
+    out.index_add_(0, token, y.float() * weight[:, None])
     return out.to(tokens.dtype)
 
 
