@@ -14,7 +14,8 @@ as ``torch.topk``'s k and raises in 0.19.8.) Routing is ``balanced`` (random inp
 Times: both dispatches in one fresh process, one warm-up round, then ``--repeats`` alternating
 rounds; the best round of each (the machine is shared: drift and spikes hit both alike). Peak
 memory: one fwd+bwd per fresh process, so it is the layer's alone: on CUDA
-``max_memory_allocated``, on the CPU the growth of the peak resident set over the size before. The table gives
+``max_memory_allocated``, on the CPU the growth of the peak resident set over the size before
+(with glibc's mmap threshold fixed, so freed tensors leave the resident set at once). The table gives
 grouped / stock ratios; targets at 16k tokens: skewed <= 0.3x time and <= 0.6x memory, balanced
 <= 1.0x time.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -111,9 +113,11 @@ def measure_memory(dispatch: str, routing: str, tokens: int) -> float:
 
 
 def _run(*argv: str):
-    out = subprocess.run(
-        [sys.executable, __file__, *argv], capture_output=True, text=True, check=True
-    )
+    # glibc serves mid-sized blocks from a heap it keeps after free (its mmap threshold grows),
+    # so the peak RSS would count freed memory; a fixed threshold returns every tensor to the OS.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    argv = [sys.executable, __file__, *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
