@@ -177,6 +177,21 @@ def test_train_sbatch_two_nodes_trains_tiny_to_the_last_step(reference):
 
 
 @pytest.mark.slow
+def test_eval_sbatch_exports_the_run_and_scores_it(cluster, corpus, reference, tmp_path):
+    model, out = tmp_path / "model", tmp_path / "eval"
+    job_id = cluster.sbatch(f"--export=ALL,EXPORT_RUN={reference}", "--cpus-per-task=1",
+                            f"--output={tmp_path}/eval.out", "slurm/eval.sbatch", str(model),
+                            "--test-set", f"dev={corpus}/dev", "--out", str(out))  # fmt: skip
+    job = cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180)
+    assert job["JobState"] == "COMPLETED", (tmp_path / "eval.out").read_text()
+    assert (model / "model.safetensors").is_file()
+    report = json.loads((out / "eval.json").read_text())
+    assert f"exported step {STEPS}" in (tmp_path / "eval.out").read_text()
+    (scores,) = report["models"]
+    assert scores["sets"]["dev"]["utterances"] == 20 and 0 <= scores["mean_wer"]
+
+
+@pytest.mark.slow
 def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes(cluster, corpus, reference,
                                                                   tmp_path):  # fmt: skip
     run_dir = tmp_path / "run"
