@@ -15,8 +15,8 @@ and the next save of that tag clears.
 
 DeepSpeed saves no RNG state; every rank's python/numpy/torch(/cuda) RNG and its data-loader
 state are all-gathered into the client state (only rank 0 writes it) and each rank restores its
-own entry. A checkpoint is refused, before anything is loaded, when the world size or ep_size
-differs (resharding is ``omni-ds ckpt``'s job).
+own entry. A checkpoint written with another world size or ep_size is first resharded for this
+run into ``step_<N>.reshard-w<W>-ep<K>/`` next to it (:func:`omni_ds.reshard.reshard_for_resume`).
 """
 
 from __future__ import annotations
@@ -230,12 +230,10 @@ class Checkpointer:
         if manifest is None:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
         if (manifest["world_size"], manifest["ep_size"]) != (self.world_size, self.ep_size):
-            raise CheckpointError(
-                f"{path} was written by {manifest['world_size']} rank(s) with ep_size "
-                f"{manifest['ep_size']}; this run has {self.world_size} rank(s) with ep_size "
-                f"{self.ep_size}. Resuming on a different world size or ep_size needs the "
-                "checkpoint resharded first; run with the original layout, or start a new run dir"
-            )
+            # Another layout: rewrite it for this one first (a sibling directory; omni_ds.reshard).
+            from omni_ds.reshard import reshard_for_resume
+
+            path = reshard_for_resume(path, self.world_size, self.ep_size)
         loaded, client = self.engine.load_checkpoint(
             str(path.parent),
             tag=path.name,

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "check-config": "check_config",
     "train": "train",
     "export": "export",
+    "ckpt": "ckpt",
     "transcribe": "transcribe",
     "eval": "eval",
     "analyze": "analyze",
@@ -24,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "make-shards": "make_shards",
     "train-tokenizer": "train_tokenizer",
     "submit": "submit",
+    "demo": "demo",
 }
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
-_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
-_ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
-_EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
-_EP_GROUP = re.compile(r"ep_size_(\d+)")
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
+EP_GROUP = re.compile(r"ep_size_(\d+)")
 # keys DeepSpeed itself puts in the main file; everything else there is the client_state
 ENGINE_KEYS = {
     "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -86,13 +86,22 @@ def resolve_tag_dir(path: str | Path) -> Path:
     )
 
 
-def _load(path: Path) -> dict:
-    # DeepSpeed pickles its own classes (fragment_address, LossScaler): weights_only cannot load it
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_file(path: Path) -> dict:
+    """One checkpoint file, memory-mapped (tensors are read when used); a missing or damaged file
+    raises :class:`CheckpointError` naming it."""
+    try:
+        # DeepSpeed pickles its own classes (fragment_address, LossScaler): weights_only cannot
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is damaged and cannot be read ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _to_global(name: str, ep_rank: int, local_counts: dict[str, int]) -> str:
-    m = _EXPERT_KEY.match(name)
+    m = EXPERT_KEY.match(name)
     if m is None:
         raise CheckpointError(f"expert parameter {name!r} has no deepspeed_experts.<i> in its name")
     prefix, local, rest = m.groups()
@@ -104,7 +113,7 @@ def _local_expert_counts(param_shapes: list[dict]) -> dict[str, int]:
     ids: dict[str, set[str]] = defaultdict(set)
     for group in param_shapes:
         for name in group:
-            m = _EXPERT_KEY.match(name)
+            m = EXPERT_KEY.match(name)
             if m:
                 ids[m.group(1)].add(m.group(2))
     return {prefix: len(v) for prefix, v in ids.items()}
@@ -112,7 +121,7 @@ def _local_expert_counts(param_shapes: list[dict]) -> dict[str, int]:
 
 def zero_fp32_masters(tag_dir: Path, param_shapes: list[dict]) -> dict[str, torch.Tensor]:
     """Flat fp32 master of every trainable parameter (global expert names) from the ZeRO shards."""
-    files = {int(m.group(1)): p for p in tag_dir.iterdir() if (m := _ZERO_FILE.fullmatch(p.name))}
+    files = {int(m.group(1)): p for p in tag_dir.iterdir() if (m := ZERO_FILE.fullmatch(p.name))}
     if not files:
         raise CheckpointError(
             f"{tag_dir} has no ZeRO optimizer shards (*zero_pp_rank_*_optim_states.pt)"
@@ -122,12 +131,12 @@ def zero_fp32_masters(tag_dir: Path, param_shapes: list[dict]) -> dict[str, torc
     local_counts = _local_expert_counts(param_shapes)
     slices: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for rank, path in sorted(files.items()):
-        osd = _load(path)["optimizer_state_dict"]
+        osd = load_file(path)["optimizer_state_dict"]
         groups = osd["base_optimizer_state"]["param_groups"]
         for group, partition, mapping in zip(
             groups, osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]
         ):
-            ep_size = int(_EP_GROUP.search(group["name"]).group(1)) if group.get("moe") else 1
+            ep_size = int(EP_GROUP.search(group["name"]).group(1)) if group.get("moe") else 1
             ep_rank, group_rank = rank % ep_size, rank // ep_size
             for name, address in mapping.items():
                 if group.get("moe"):
@@ -143,9 +152,9 @@ def zero_fp32_masters(tag_dir: Path, param_shapes: list[dict]) -> dict[str, torc
 def consolidate(path: str | Path) -> Consolidated:
     """Merge the checkpoint at ``path`` (see :func:`resolve_tag_dir`) into one fp32 state dict."""
     tag_dir = resolve_tag_dir(path)
-    main = _load(tag_dir / MAIN_FILE)
+    main = load_file(tag_dir / MAIN_FILE)
     state = dict(main["module"])
-    expert_files = [p for p in sorted(tag_dir.iterdir()) if _EXPERT_FILE.fullmatch(p.name)]
+    expert_files = [p for p in sorted(tag_dir.iterdir()) if EXPERT_FILE.fullmatch(p.name)]
     expected = sum(main.get("num_experts") or [])
     if len(expert_files) != expected:
         raise CheckpointError(
@@ -153,12 +162,12 @@ def consolidate(path: str | Path) -> Consolidated:
             "experts over its MoE layers; the checkpoint is incomplete (was the save interrupted?)"
         )
     for p in expert_files:
-        state.update(_load(p))
+        state.update(load_file(p))
     shared = dict(main.get("shared_params") or {})
     low_precision = any(
         v.is_floating_point() and v.dtype != torch.float32 for v in main["module"].values()
     )
-    has_shards = any(_ZERO_FILE.fullmatch(p.name) for p in tag_dir.iterdir())
+    has_shards = any(ZERO_FILE.fullmatch(p.name) for p in tag_dir.iterdir())
     if low_precision and has_shards:
         masters = zero_fp32_masters(tag_dir, main["param_shapes"])
         for name, flat in masters.items():

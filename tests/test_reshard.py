@@ -1,0 +1,264 @@
+"""Resharding real DeepSpeed ZeRO-2 + expert-parallel checkpoints of the encoder across layouts.
+
+One chain of runs, each resuming the previous one's checkpoint on another layout through
+``Checkpointer.load`` (which reshards transparently), on a global batch that is the same for every
+world size (each rank takes its share of 4 utterances; dropless routing, no balance loss, no
+dropout or SpecAugment), so every resumed run must reproduce the straight run:
+
+    straight 2 ranks ep2 ──@2──▶ 1 rank ──@4──▶ 2 ranks ep2 ──@6──▶ 2 ranks ep1
+        ──@8──▶ 2 ranks ep2 ──@10──▶ 4 ranks ep4 ──@12──▶ 2 ranks ep2 (steps 13-14)
+
+After each load every parameter's fp32 master and Adam moments, as DeepSpeed itself reports them
+(``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, experts mapped to global ids),
+must equal what the saving run reported, tensor by tensor; losses must follow the straight run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_command, run_function
+
+from omni_ds.config import from_dict
+from omni_ds.consolidate import CheckpointError
+
+VOCAB = 12
+SAMPLES = 8000  # 0.5 s
+GLOBAL_BATCH = 4
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+# Resumed losses vs the straight run: float reductions run in another order on another layout.
+LOSS_RTOL = 1e-4
+
+
+def experiment(ep_size: int):
+    from omni_ds.experiment import ExperimentConfig
+
+    model = {
+        "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
+        "dropout": 0.0, "position": "sinusoidal",
+        "frontend": {"n_mels": 16, "specaug": {"freq_masks": 0, "time_masks": 0}},
+        "moe": {"router": "omni", "num_experts": 4, "ep_size": ep_size, "dropless": True,
+                "balance_loss_weight": 0.0},
+    }  # fmt: skip
+    return from_dict(ExperimentConfig, {"model": model})
+
+
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 3e-3}},
+    "zero_optimization": {"stage": 2},
+}
+
+
+def rank_batch(step: int, rank: int, world_size: int):
+    """Rank ``rank``'s share of global batch ``step`` (the same 4 utterances for any layout)."""
+    g = torch.Generator().manual_seed(step)
+    audio = torch.randn(GLOBAL_BATCH, SAMPLES, generator=g) * 0.1
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, 5), generator=g)
+    share = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    n = share.stop - share.start
+    return audio[share], torch.full((n,), SAMPLES), tokens[share], torch.full((n,), 5)
+
+
+def full_state(engine, rank: int, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's fp32 master and Adam moments as DeepSpeed reports them (collective),
+    local expert ids mapped to global ones."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # ZeRO-1/2 links parameters to their Adam state after the first group's first step only,
+    # before later groups (the experts) have state; link again so that all are reported.
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    model = engine.module
+    per_rank = 4 // ep_size
+    out = {}
+    for name, p in model.named_parameters():
+        m = re.match(r"(.*deepspeed_experts\.)(\d+)(\..*)", name)
+        if m:
+            name = f"{m[1]}{(rank % ep_size) * per_rank + int(m[2])}{m[3]}"
+        out[name] = {
+            "fp32": safe_get_full_fp32_param(p).clone(),
+            "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+            "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone(),
+        }
+    return out
+
+
+def train_hop(run_dir: str, ep_size: int, resume: str | None, stop: int, save_at: int) -> dict:
+    """Rank worker: build the encoder, resume ``resume`` (any layout), train to ``stop``, saving
+    at ``save_at``; returns the mean loss per step, the state after loading and at the save."""
+    import torch.distributed as tdist
+
+    from omni_ds import dist
+    from omni_ds.checkpoint import Checkpointer
+    from omni_ds.engine import build_engine
+    from omni_ds.model import build_model
+    from omni_ds.train_config import CheckpointConfig
+
+    with dist.distributed() as info:
+        rank, world = info.env.rank, info.env.world_size
+        torch.manual_seed(0)
+        model = build_model(experiment(ep_size).model)
+        engine = build_engine(model, dict(DS_CONFIG))
+        ckpt = Checkpointer(engine, Path(run_dir), CheckpointConfig(keep_last=100), ep_size=ep_size)
+        start, loaded, saved, logits = 0, None, None, None
+        if resume is not None:
+            client, _ = ckpt.load(Path(resume))
+            ckpt.restore_rng(client)
+            start = client["step"]
+            loaded = full_state(engine, rank, ep_size)
+        losses = {}
+        for step in range(start, stop):
+            audio, lens, tokens, token_lens = rank_batch(step, rank, world)
+            loss = model.loss(engine(audio, lens), tokens, token_lens).total
+            engine.backward(loss)
+            engine.step()
+            mean = loss.detach().clone()
+            tdist.all_reduce(mean)
+            losses[step + 1] = mean.item() / world
+            if step + 1 == save_at:
+                ckpt.save(step + 1, {}, {"counters": {"step": step + 1, "samples": 2 * rank}})
+                saved = full_state(engine, rank, ep_size)
+                engine.eval()
+                with torch.no_grad():
+                    logits = engine(*rank_batch(99, 0, 1)[:2]).logits
+                engine.train()
+        return {"losses": losses, "loaded": loaded, "saved": saved, "logits": logits}
+
+
+def merged(states: list[dict]) -> dict:
+    out = {}
+    for state in states:
+        for name, values in state.items():
+            out.setdefault(name, values)
+    return out
+
+
+def assert_same_state(loaded: dict, saved: dict) -> None:
+    assert loaded.keys() == saved.keys()
+    assert sum("deepspeed_experts" in k for k in saved) == 2 * 4 * 4  # layers x experts x tensors
+    for name in saved:
+        for key in STATE_KEYS:
+            assert torch.equal(loaded[name][key], saved[name][key]), (name, key)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """2 ranks ep_size=2 for 14 steps, checkpoint at step 2."""
+    run = tmp_path_factory.mktemp("straight")
+    results = run_function(train_hop, 2, args=(str(run), 2, None, 14, 2), timeout=300)
+    return {"run": run, "losses": results[0]["losses"], "saved": merged(r["saved"] for r in results),
+            "logits": results[0]["logits"]}  # fmt: skip
+
+
+def test_checkpoint_layout_is_read_like_deepspeed_reports_it(straight):
+    from omni_ds.zero_layout import ZeroCheckpoint
+
+    ckpt = ZeroCheckpoint(straight["run"] / "checkpoints" / "step_2")
+    assert (ckpt.world_size, ckpt.ep_size, ckpt.experts_per_rank) == (2, 2, 2)
+    saved = straight["saved"]
+    assert sorted(ckpt.names()) == sorted(saved)
+    for name in saved:
+        values = ckpt.read(name)
+        for key in STATE_KEYS:
+            assert torch.equal(values[key], saved[name][key]), (name, key)
+
+
+@pytest.mark.slow
+def test_resume_chain_across_world_sizes_and_ep_sizes(straight, tmp_path):
+    source, state = straight["run"] / "checkpoints" / "step_2", straight["saved"]
+    hops = [(1, 1), (2, 2), (2, 1), (2, 2), (4, 4), (2, 2)]  # (ranks, ep_size)
+    for i, (ranks, ep) in enumerate(hops):
+        start = 2 * (i + 1)
+        run = tmp_path / f"hop{i}"
+        results = run_function(train_hop, ranks, args=(str(run), ep, str(source), start + 2,
+                                                       start + 2), timeout=300)  # fmt: skip
+        sibling = source.parent / f"{source.name}.reshard-w{ranks}-ep{ep}"
+        assert (sibling / "omni_ds_manifest.json").is_file(), f"hop {i}: no reshard happened"
+        assert_same_state(merged(r["loaded"] for r in results), state)
+        for step, loss in results[0]["losses"].items():
+            assert loss == pytest.approx(straight["losses"][step], rel=LOSS_RTOL), (i, step)
+        source, state = (
+            run / "checkpoints" / f"step_{start + 2}",
+            merged(r["saved"] for r in results),
+        )
+
+
+def test_reshard_cli_and_consolidate_give_the_live_model(straight, tmp_path):
+    from safetensors.torch import load_file
+
+    from omni_ds.cli import main
+    from omni_ds.model import build_model
+    from omni_ds.zero_layout import ZeroCheckpoint
+
+    source = straight["run"] / "checkpoints" / "step_2"
+    out = tmp_path / "w1" / "checkpoints" / "step_2"
+    assert main(["ckpt", "reshard", str(source), "--world-size", "1", "--ep-size", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    resharded = ZeroCheckpoint(out)
+    assert (resharded.world_size, resharded.ep_size) == (1, 1)
+    for name, values in straight["saved"].items():
+        assert all(torch.equal(resharded.read(name)[k], values[k]) for k in STATE_KEYS), name
+
+    weights = tmp_path / "model.safetensors"
+    assert main(["ckpt", "consolidate", str(out), "--out", str(weights)]) == 0
+    tensors = load_file(str(weights))
+    assert not any(".gate.wg." in k for k in tensors)  # the shared router once, as router.*
+    model = build_model(experiment(ep_size=1).model)
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys
+    assert all(".gate.wg." in k for k in result.missing_keys)  # tied to router.wg.weight
+    model.eval()
+    with torch.no_grad():
+        logits = model(*rank_batch(99, 0, 1)[:2]).logits
+    torch.testing.assert_close(logits, straight["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_reports_the_layout(straight, capsys):
+    from omni_ds.cli import main
+
+    assert main(["ckpt", "inspect", str(straight["run"])]) == 0
+    text = capsys.readouterr().out
+    assert "world size 2, ep_size 2" in text and "step 2" in text
+    assert "experts: 2 MoE layers x 4" in text
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("delete zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        ("delete layer_1_expert_3_mp_rank_00_model_states.pt", "layer_1_expert_3_mp_rank_00_model_states.pt"),
+        ("truncate zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        ("truncate layer_0_expert_2_mp_rank_00_model_states.pt", "layer_0_expert_2_mp_rank_00_model_states.pt"),
+        ("truncate mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"),
+    ],
+)  # fmt: skip
+def test_damaged_checkpoint_names_the_bad_file(straight, tmp_path, damage, named):
+    from omni_ds.reshard import reshard
+
+    tag = tmp_path / "step_2"
+    shutil.copytree(straight["run"] / "checkpoints" / "step_2", tag)
+    action, name = damage.split()
+    if action == "delete":
+        (tag / name).unlink()
+    else:
+        data = (tag / name).read_bytes()
+        (tag / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        reshard(tag, tmp_path / "out", world_size=1, ep_size=1)
+
+
+def test_impossible_layouts_are_refused(straight, tmp_path):
+    from omni_ds.reshard import reshard
+
+    source = straight["run"] / "checkpoints" / "step_2"
+    with pytest.raises(CheckpointError, match="ep_size 3 must divide the world size 2"):
+        reshard(source, tmp_path / "a", world_size=2, ep_size=3)
+    with pytest.raises(CheckpointError, match="must divide the number of experts"):
+        reshard(source, tmp_path / "b", world_size=8, ep_size=8)
