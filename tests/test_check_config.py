@@ -22,6 +22,14 @@ def _experiment(tmp_path: Path, ds: dict | None = None, *, whole=False, **sectio
     base.update(ds or {})
     (tmp_path / "ds.json").write_text(json.dumps(base))
     data["deepspeed"] = str(tmp_path / "ds.json")
+    for split in ("train", "dev"):  # the checks only look for the paths
+        (tmp_path / split).mkdir(exist_ok=True)
+    (tmp_path / "tokenizer.model").touch()
+    data["data"].update(
+        train=[str(tmp_path / "train")],
+        dev={"dev": str(tmp_path / "dev")},
+        tokenizer=str(tmp_path / "tokenizer.model"),
+    )
     data.setdefault("train", {})["max_steps"] = 100
     for name, value in sections.items():
         data.setdefault(name, {}).update(value)
@@ -150,6 +158,8 @@ def test_missing_files(tmp_path, capsys):
     code, out = _check(capsys, path, "--set", "deepspeed=ds_configs/zero9.json")
     assert code == 2
     assert "deepspeed: 'ds_configs/zero9.json' does not exist" in out
+    code, out = _check(capsys, path, "--set", "data.tokenizer=nowhere/sp.model")
+    assert "data.tokenizer: 'nowhere/sp.model' does not exist; check the path" in out
     code, out = _check(capsys, tmp_path / "nope.yaml")
     assert code == 2
     assert "nope.yaml' does not exist; check the path" in out

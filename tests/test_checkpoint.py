@@ -57,15 +57,22 @@ def run_steps(run_dir: str, ep_size: int, steps: int, resume: str | None) -> dic
     return result
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """6 steps on 2 ranks (ep_size 2), a checkpoint every 2: (run dir, each rank's result)."""
+    run = tmp_path_factory.mktemp("straight")
+    return run, run_function(run_steps, 2, args=(str(run), 2, 6, None), timeout=300)
+
+
 @pytest.mark.distributed
-def test_resume_is_bitwise_identical_and_keeps_the_last_k(tmp_path):
-    straight = run_function(run_steps, 2, args=(str(tmp_path / "a"), 2, 6, None), timeout=240)
-    kept = [p.name for p in complete_checkpoints(tmp_path / "a" / "checkpoints")]
+def test_resume_is_bitwise_identical_and_keeps_the_last_k(straight, tmp_path):
+    a, straight = straight
+    kept = [p.name for p in complete_checkpoints(a / "checkpoints")]
     assert kept == ["step_4", "step_6"]  # keep_last=2
-    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step_6"
+    assert (a / "checkpoints" / "latest").read_text() == "step_6"
 
     # Resume from step 4 in fresh processes: dropout masks (torch RNG) must be restored too.
-    resume = str(tmp_path / "a" / "checkpoints" / "step_4")
+    resume = str(a / "checkpoints" / "step_4")
     resumed = run_function(run_steps, 2, args=(str(tmp_path / "b"), 2, 6, resume), timeout=240)
     for rank in range(2):
         assert resumed[rank]["data_state"] == {"rank": rank, "at": 4}
@@ -73,11 +80,11 @@ def test_resume_is_bitwise_identical_and_keeps_the_last_k(tmp_path):
         assert resumed[rank]["digest"] == straight[rank]["digest"]
 
 
-def load_on_one_rank(path: str) -> str:
+def load_on_one_rank(path: str) -> dict:
     from tiny_moe import TinyMoE
 
     from omni_ds import dist
-    from omni_ds.checkpoint import Checkpointer, CheckpointError
+    from omni_ds.checkpoint import Checkpointer
     from omni_ds.engine import build_engine
 
     dist.init_distributed()
@@ -85,23 +92,19 @@ def load_on_one_rank(path: str) -> str:
     ds["tensorboard"]["enabled"] = False
     engine = build_engine(TinyMoE(ep_size=1), ds)
     ckpt = Checkpointer(engine, Path(path).parents[1], CheckpointConfig(), ep_size=1)
-    try:
-        ckpt.load(Path(path))
-    except CheckpointError as e:
-        dist.shutdown()
-        return str(e)
-    raise AssertionError("a 2-rank ep_size=2 checkpoint was loaded on 1 rank")
+    client, data_state = ckpt.load(Path(path))
+    result = {"step": client["step"], "data": data_state, "global_steps": engine.global_steps}
+    dist.shutdown()
+    return result
 
 
 @pytest.mark.distributed
-def test_different_world_size_or_ep_size_is_refused_before_loading(tmp_path):
-    run_function(run_steps, 2, args=(str(tmp_path), 2, 2, None), timeout=240)
-    path = str(tmp_path / "checkpoints" / "step_2")
-    (message,) = run_function(load_on_one_rank, 1, args=(path,), timeout=240)
-    assert (
-        "was written by 2 rank(s) with ep_size 2; this run has 1 rank(s) with ep_size 1" in message
-    )
-    assert "needs the checkpoint resharded first" in message
+def test_a_checkpoint_of_another_layout_is_resharded_then_loaded(straight):
+    """2 ranks ep_size 2 -> 1 rank: resharded next to it (tests/test_reshard.py checks values)."""
+    path = straight[0] / "checkpoints" / "step_6"
+    (loaded,) = run_function(load_on_one_rank, 1, args=(str(path),), timeout=240)
+    assert loaded == {"step": 6, "data": {"rank": 0, "at": 6}, "global_steps": 6}
+    assert (path.parent / "step_6.reshard-w1-ep1" / MANIFEST).is_file()
 
 
 def _fake_checkpoint(directory: Path, step: int, complete: bool) -> Path:
