@@ -1,0 +1,79 @@
+"""`omni-ds demo`: a shortened demo end to end (real corpus, torchrun, DeepSpeed, eval, analysis),
+a second run that reuses every stage, and the report's verdicts following the numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omni_ds.demo import ROUTERS, TEST_SETS
+from omni_ds.demo_report import verdicts, wer_findings
+from omni_ds.eval.wer import EvalReport, SetScore
+
+REPO = Path(__file__).resolve().parents[1]
+PLOTS = ("usage", "entropy", "agreement", "rasters")
+
+
+def demo(out: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "omni_ds.cli", "demo", "--out", str(out),
+            "--steps", "6", "--train-utterances", "96"]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_short_demo_runs_end_to_end_then_reuses_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    first = demo(out)
+    reports = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    assert [Path(r["model"]).name for r in reports] == list(ROUTERS)
+    for r in reports:
+        assert list(r["sets"]) == list(TEST_SETS)
+        assert all(s["utterances"] == 20 and 0 <= s["wer"] for s in r["sets"].values())
+    for router in ROUTERS:
+        resolved = (out / router / "config.yaml").read_text()
+        assert f"router: {router}" in resolved
+        assert f"ep_size: {1 if router == 'dense' else 2}" in resolved
+        assert (out / router / "checkpoints" / "step_6").is_dir()
+        assert (out / "models" / router / "model.safetensors").is_file()
+    report = (out / "REPORT.md").read_text()
+    for router in ("switch", "omni"):
+        analysis = json.loads((out / "analysis" / router / "analysis.json").read_text())
+        assert analysis["router"] == router and analysis["num_moe_layers"] == 4
+        for plot in PLOTS:
+            assert (out / "analysis" / router / f"{plot}.png").stat().st_size > 1000
+            assert f"(analysis/{router}/{plot}.png)" in report
+    assert "| `omni` vs `dense` |" in first.stdout and "| `omni` vs `switch` |" in report
+    assert first.stdout.count("[demo ") > 12 and "reused" not in first.stdout
+
+    second = demo(out)
+    assert second.stdout.count("reused") == 12  # every stage, none ran
+    assert "$ " not in second.stdout
+    assert "| `omni` vs `dense` |" in second.stdout
+
+
+def report(model: str, wers: dict[str, float], words: int = 1000) -> EvalReport:
+    sets = {n: SetScore(wer=w, ref_words=words, utterances=200, substitutions=int(w * words),
+                        deletions=0, insertions=0) for n, w in wers.items()}  # fmt: skip
+    return EvalReport(model=model, sets=sets)
+
+
+def test_report_verdicts_follow_the_numbers_including_where_omni_loses():
+    sets = ("dev", "test_fast", "test_noisy")
+    dense = report("dense", dict(zip(sets, (0.10, 0.30, 0.20))))
+    switch = report("switch", dict(zip(sets, (0.12, 0.31, 0.50))))
+    omni = report("omni", dict(zip(sets, (0.105, 0.40, 0.25))))
+    v = verdicts(omni, switch)
+    assert v == {"better": ["test_noisy"], "worse": ["test_fast"], "tie": ["dev"]}
+    v = verdicts(omni, dense)
+    assert v["worse"] == ["test_fast", "test_noisy"] and v["tie"] == ["dev"]
+    text = "\n".join(wer_findings({"dense": dense, "switch": switch, "omni": omni}))
+    assert "Omni does not win here on the mean**: dense does" in text
+    assert "better on none; worse on `test_fast`, `test_noisy`" in text
+    assert "dense 10.0%" in text
