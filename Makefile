@@ -33,8 +33,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+# Stages already finished under runs/demo are reused; DEMO_ARGS=--force reruns them all.
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/omni-ds env --init
+	$(VENV)/bin/omni-ds demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
