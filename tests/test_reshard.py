@@ -8,6 +8,8 @@ dropout or SpecAugment), so every resumed run must reproduce the straight run:
     straight 2 ranks ep2 ──@2──▶ 1 rank ──@4──▶ 2 ranks ep2 ──@6──▶ 2 ranks ep1
         ──@8──▶ 2 ranks ep2 ──@10──▶ 4 ranks ep4 ──@12──▶ 2 ranks ep2 (steps 13-14)
 
+(ZeRO stage 2, with stage 1 on the 1-rank, 2-rank ep1 and 4-rank hops.)
+
 After each load every parameter's fp32 master and Adam moments, as DeepSpeed itself reports them
 (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, experts mapped to global ids),
 must equal what the saving run reported, tensor by tensor; losses must follow the straight run.
@@ -25,6 +27,8 @@ from harness import run_command, run_function
 
 from omni_ds.config import from_dict
 from omni_ds.consolidate import CheckpointError
+
+pytestmark = pytest.mark.distributed  # every test uses the 2-rank run of the fixture
 
 VOCAB = 12
 SAMPLES = 8000  # 0.5 s
@@ -90,7 +94,8 @@ def full_state(engine, rank: int, ep_size: int) -> dict[str, dict[str, torch.Ten
     return out
 
 
-def train_hop(run_dir: str, ep_size: int, resume: str | None, stop: int, save_at: int) -> dict:
+def train_hop(run_dir: str, ep_size: int, resume: str | None, stop: int, save_at: int,
+              stage: int = 2) -> dict:  # fmt: skip
     """Rank worker: build the encoder, resume ``resume`` (any layout), train to ``stop``, saving
     at ``save_at``; returns the mean loss per step, the state after loading and at the save."""
     import torch.distributed as tdist
@@ -105,7 +110,7 @@ def train_hop(run_dir: str, ep_size: int, resume: str | None, stop: int, save_at
         rank, world = info.env.rank, info.env.world_size
         torch.manual_seed(0)
         model = build_model(experiment(ep_size).model)
-        engine = build_engine(model, dict(DS_CONFIG))
+        engine = build_engine(model, {**DS_CONFIG, "zero_optimization": {"stage": stage}})
         ckpt = Checkpointer(engine, Path(run_dir), CheckpointConfig(keep_last=100), ep_size=ep_size)
         start, loaded, saved, logits = 0, None, None, None
         if resume is not None:
@@ -173,12 +178,13 @@ def test_checkpoint_layout_is_read_like_deepspeed_reports_it(straight):
 @pytest.mark.slow
 def test_resume_chain_across_world_sizes_and_ep_sizes(straight, tmp_path):
     source, state = straight["run"] / "checkpoints" / "step_2", straight["saved"]
-    hops = [(1, 1), (2, 2), (2, 1), (2, 2), (4, 4), (2, 2)]  # (ranks, ep_size)
-    for i, (ranks, ep) in enumerate(hops):
+    # (ranks, ep_size, ZeRO stage): stage 1 and 2 share the shard layout, and alternate here
+    hops = [(1, 1, 1), (2, 2, 2), (2, 1, 1), (2, 2, 2), (4, 4, 1), (2, 2, 2)]
+    for i, (ranks, ep, stage) in enumerate(hops):
         start = 2 * (i + 1)
         run = tmp_path / f"hop{i}"
         results = run_function(train_hop, ranks, args=(str(run), ep, str(source), start + 2,
-                                                       start + 2), timeout=300)  # fmt: skip
+                                                       start + 2, stage), timeout=300)  # fmt: skip
         sibling = source.parent / f"{source.name}.reshard-w{ranks}-ep{ep}"
         assert (sibling / "omni_ds_manifest.json").is_file(), f"hop {i}: no reshard happened"
         assert_same_state(merged(r["loaded"] for r in results), state)
