@@ -35,7 +35,9 @@ _LAUNCH_VARS = (
 
 
 def _installed() -> bool:
-    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch"))
+    # The paths local_cluster.sh runs (root's PATH has /usr/sbin, a user's often not).
+    daemons = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/bin/sbatch")
+    return all(os.access(path, os.X_OK) for path in daemons)
 
 
 def ensure_installed() -> None:

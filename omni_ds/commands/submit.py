@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes per node (default: --gpus-per-node, or 1 without GPUs)",
     )
     parser.add_argument("--cpus-per-task", type=int, default=None, help="cores per process")
-    parser.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00 (default 1 day)")
+    parser.add_argument(
+        "--time", default=None, help="time limit, e.g. 2-00:00:00 (default: the partition's)"
+    )
     parser.add_argument("--partition", default=None, help="SLURM partition")
     parser.add_argument("--account", default=None, help="SLURM account to charge")
     parser.add_argument("--job-name", default=None, help="default: omni-ds-<run dir name>")
