@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omni_ds.checkpoint import CLIENT_KEY, MANIFEST, read_manifest
 from omni_ds.consolidate import MAIN_FILE, CheckpointError, load_file
 from omni_ds.zero_layout import GroupPlan, ZeroCheckpoint, expert_name, split_expert_name
 
-CLIENT_KEY = "omni_ds"  # omni_ds.checkpoint's client-state key
-MANIFEST = "omni_ds_manifest.json"  # omni_ds.checkpoint's completeness marker
 # Per-rank tallies in the client state; summed onto the new rank 0 so that totals carry over.
 RANK_TALLIES = frozenset({"samples", "audio_seconds", "nonfinite_skipped", "skipped",
                           "shard_errors", "read"})  # fmt: skip
@@ -281,10 +280,8 @@ def reshard_for_resume(path: Path, world_size: int, ep_size: int) -> Path:
 
 
 def _complete(out: Path, world_size: int, ep_size: int) -> bool:
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    sizes_ok = all((out / k).is_file() and (out / k).stat().st_size == v
-                   for k, v in manifest["files"].items())  # fmt: skip
-    return sizes_ok and (manifest["world_size"], manifest["ep_size"]) == (world_size, ep_size)
+    manifest = read_manifest(out)
+    return manifest is not None and (manifest["world_size"], manifest["ep_size"]) == (
+        world_size,
+        ep_size,
+    )

@@ -28,8 +28,6 @@ from harness import run_command, run_function
 from omni_ds.config import from_dict
 from omni_ds.consolidate import CheckpointError
 
-pytestmark = pytest.mark.distributed  # every test uses the 2-rank run of the fixture
-
 VOCAB = 12
 SAMPLES = 8000  # 0.5 s
 GLOBAL_BATCH = 4
@@ -162,6 +160,7 @@ def straight(tmp_path_factory) -> dict:
             "logits": results[0]["logits"]}  # fmt: skip
 
 
+@pytest.mark.distributed
 def test_checkpoint_layout_is_read_like_deepspeed_reports_it(straight):
     from omni_ds.zero_layout import ZeroCheckpoint
 
@@ -175,6 +174,7 @@ def test_checkpoint_layout_is_read_like_deepspeed_reports_it(straight):
             assert torch.equal(values[key], saved[name][key]), (name, key)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_resume_chain_across_world_sizes_and_ep_sizes(straight, tmp_path):
     source, state = straight["run"] / "checkpoints" / "step_2", straight["saved"]
@@ -196,6 +196,7 @@ def test_resume_chain_across_world_sizes_and_ep_sizes(straight, tmp_path):
         )
 
 
+@pytest.mark.distributed
 def test_reshard_cli_and_consolidate_give_the_live_model(straight, tmp_path):
     from safetensors.torch import load_file
 
@@ -226,6 +227,7 @@ def test_reshard_cli_and_consolidate_give_the_live_model(straight, tmp_path):
     torch.testing.assert_close(logits, straight["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.distributed
 def test_inspect_reports_the_layout(straight, capsys):
     from omni_ds.cli import main
 
@@ -235,6 +237,7 @@ def test_inspect_reports_the_layout(straight, capsys):
     assert "experts: 2 MoE layers x 4" in text
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "damage, named",
     [
@@ -260,6 +263,7 @@ def test_damaged_checkpoint_names_the_bad_file(straight, tmp_path, damage, named
         reshard(tag, tmp_path / "out", world_size=1, ep_size=1)
 
 
+@pytest.mark.distributed
 def test_impossible_layouts_are_refused(straight, tmp_path):
     from omni_ds.reshard import reshard
 
@@ -280,6 +284,7 @@ def train_argv(corpus: Path, ds: Path, run_dir: Path, *sets: str) -> list[str]:
     return ["omni-ds", "train", "configs/tiny.yaml", *[a for o in options for a in ("--set", o)]]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
     """``omni-ds train`` (bf16 ZeRO-2) on 2 ranks ep_size 2 for 12 steps; the same run resumed
@@ -320,3 +325,23 @@ def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
     assert tail_after < 0.5 * before[1]["loss"]
     manifest = read_manifest(resumed / "checkpoints" / "step_12")
     assert (manifest["world_size"], manifest["ep_size"]) == (1, 1)
+
+
+def test_client_state_is_dealt_to_the_new_ranks():
+    from omni_ds.checkpoint import rng_state, set_rng_state
+    from omni_ds.reshard import reshard_client_state
+
+    def data(rank):
+        return {"counters": {"step": 6, "samples": 10 + rank, "audio_seconds": 1.5},
+                "loader": {"epoch": 1, "skipped": {"too_long": rank + 1}, "read": 20}}  # fmt: skip
+
+    old = {"omni_ds": {"step": 6, "world_size": 2, "ep_size": 2, "rng": [rng_state()] * 2,
+                       "data": [data(0), data(1)]}, "other": 1}  # fmt: skip
+    new = reshard_client_state(old, 3, 1, step=6)["omni_ds"]
+    assert (new["world_size"], new["ep_size"], len(new["rng"]), len(new["data"])) == (3, 1, 3, 3)
+    assert new["rng"][:2] == old["omni_ds"]["rng"]
+    set_rng_state(new["rng"][2])  # a valid state for the new rank
+    assert new["data"][0] == {"counters": {"step": 6, "samples": 21, "audio_seconds": 3.0},
+                              "loader": {"epoch": 1, "skipped": {"too_long": 3}, "read": 40}}  # fmt: skip
+    assert new["data"][2] == {"counters": {"step": 6, "samples": 0, "audio_seconds": 0.0},
+                              "loader": {"epoch": 1, "skipped": {}, "read": 0}}  # fmt: skip
