@@ -134,9 +134,10 @@ def plan_groups(
     world_size: int,
     ep_size: int,
     alignment: int,
+    max_group_size: int = MOE_MAX_GROUP_SIZE,
 ) -> list[GroupPlan]:
     """Groups for ``world_size`` ranks: each dense group as is, then the local experts (names and
-    sizes in module order) in chunks of at most :data:`MOE_MAX_GROUP_SIZE` values."""
+    sizes in module order) in chunks of at most ``max_group_size`` values."""
     groups = []
     for group in dense:
         numels = [n for _, n in group]
@@ -146,7 +147,7 @@ def plan_groups(
     chunks: list[list[tuple[str, int]]] = []
     size = 0
     for name, numel in experts:
-        if not chunks or size + numel > MOE_MAX_GROUP_SIZE:
+        if not chunks or size + numel > max_group_size:
             chunks.append([])
             size = 0
         chunks[-1].append((name, numel))

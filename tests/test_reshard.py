@@ -345,3 +345,24 @@ def test_client_state_is_dealt_to_the_new_ranks():
                               "loader": {"epoch": 1, "skipped": {"too_long": 3}, "read": 40}}  # fmt: skip
     assert new["data"][2] == {"counters": {"step": 6, "samples": 0, "audio_seconds": 0.0},
                               "loader": {"epoch": 1, "skipped": {}, "read": 0}}  # fmt: skip
+
+
+def test_expert_groups_are_split_like_deepspeed_splits_them():
+    """Above ``max_group_size`` values DeepSpeed cuts the expert group in several (a 600M model
+    with ep_size 1 has several); the plan must cut at the same parameters."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from omni_ds.zero_layout import plan_groups
+
+    numels = [50, 7, 30, 30, 12, 60, 1, 45]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
+    for p in params:
+        p.allreduce, p.group_name = False, "ep_size_2"
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"name": "dense", "params": params}, max_group_size=80
+    )
+    ds_sizes = [[p.numel() for p in g["params"]] for g in groups if g.get("moe")]
+    experts = [(f"e.deepspeed_experts.{i}.w", n) for i, n in enumerate(numels)]
+    plan = plan_groups([], experts, world_size=4, ep_size=2, alignment=1, max_group_size=80)
+    assert [g.numels for g in plan] == ds_sizes == [[50, 7], [30, 30, 12], [60, 1], [45]]
+    assert all(g.moe and g.dp_size == 2 for g in plan)
