@@ -63,9 +63,9 @@ def overrides(corpus: Path, run_dir: Path, *more: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def submit_train(cluster: LocalCluster, corpus: Path, run_dir: Path, *more: str, opts=()) -> str:
+def submit_train(cluster: LocalCluster, corpus: Path, run_dir: Path, *more: str) -> str:
     """``sbatch slurm/train.sbatch`` on 2 nodes x 1 task; returns the job id."""
-    return cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={run_dir}.out", *opts,
+    return cluster.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={run_dir}.out",
                           "slurm/train.sbatch", "configs/tiny.yaml",
                           *overrides(corpus, run_dir, *more))  # fmt: skip
 
