@@ -69,7 +69,9 @@ def encode_flac(pcm: np.ndarray) -> bytes:
 def decode_bytes(data: bytes, declared_rate: int | None = None) -> np.ndarray:
     """FLAC/WAV bytes -> float32 16 kHz mono in [-1, 1]; raises :class:`AudioError` with the reason."""
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, subtype = f.samplerate, f.subtype
+            audio = f.read(dtype="float32")
     except (sf.LibsndfileError, RuntimeError) as e:
         raise AudioError("corrupt_audio", str(e)) from e
     if declared_rate is not None and rate != declared_rate:
@@ -80,7 +82,8 @@ def decode_bytes(data: bytes, declared_rate: int | None = None) -> np.ndarray:
         audio = audio.mean(axis=1)
     if audio.size == 0:
         raise AudioError("empty_audio", "no samples")
-    if not np.isfinite(audio).all():
+    # Integer PCM (all FLAC) cannot hold NaN; only float formats need the scan.
+    if subtype in ("FLOAT", "DOUBLE") and not np.isfinite(audio).all():
         raise AudioError("nonfinite_audio", "NaN or infinite samples")
     if rate != SAMPLE_RATE:
         import soxr

@@ -22,7 +22,10 @@ worst shards.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +48,27 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+# Workers ignore SIGTERM, so neither torch's fallback (``terminate()``) nor multiprocessing's exit
+# handler (terminate, then join without a timeout) can end a straggler: a worker still alive when
+# the trainer exits (say with 75 after SIGUSR1, its epoch iterator abandoned) would hang the exit
+# forever. The loader therefore ends its workers itself, with SIGKILL if they do not leave.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers(it) -> None:
+    workers = list(getattr(it, "_workers", ()))
+    it._shutdown_workers()  # the polite way: sentinel, join with a timeout
+    for w in workers:
+        if w.is_alive():
+            os.kill(w.pid, signal.SIGKILL)
+            w.join()
+    _LIVE.discard(it)
+
+
+# Registered after multiprocessing's own exit handler, so it runs before it.
+atexit.register(lambda: [_stop_workers(it) for it in list(_LIVE)])
 
 
 class _PlannedBatches(torch.utils.data.Dataset):
@@ -106,13 +130,21 @@ class SpeechLoader:
             skips = share_of_rank(self._plan_skips, self.rank, self.world_size)
             self._skipped.update(skips)
             self._read += sum(skips[r] for r in ERROR_REASONS)
+            # The index's bad entries lead that list, so this rank's share of them is:
+            for sid, _, _ in self.catalog.bad[self.rank :: self.world_size]:
+                self._shard_errors[self.catalog.shard_paths[sid]] += 1
             self._counted = True
         done = self._segments[-1][1]
         mine = [step[self.rank] for step in plan.steps[done:]]
-        for batch in self._batches(mine, plan.buckets[done:]):
-            self._segments[-1][1] += 1
-            self._account(batch)
-            yield batch
+        batches = self._batches(mine, plan.buckets[done:])
+        try:
+            for batch in batches:
+                self._segments[-1][1] += 1
+                self._account(batch)
+                yield batch
+        finally:
+            if batches in _LIVE:
+                _stop_workers(batches)
         self._skipped.update(share_of_rank(["rank_remainder"] * len(plan.dropped), self.rank,
                                            self.world_size))  # fmt: skip
         self.epoch += 1
@@ -123,7 +155,7 @@ class SpeechLoader:
         dataset = _PlannedBatches(self.reader, batches, buckets)
         if self.cfg.num_workers == 0:
             return (dataset[i] for i in range(len(dataset)))
-        return iter(
+        it = iter(
             torch.utils.data.DataLoader(
                 dataset,
                 batch_size=None,
@@ -133,6 +165,8 @@ class SpeechLoader:
                 multiprocessing_context="fork",
             )
         )
+        _LIVE.add(it)
+        return it
 
     def _account(self, batch: dict) -> None:
         self._skipped.update(batch.pop("_skipped"))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_pipeline.audio import SAMPLE_RATE, AudioError, decode_bytes
-from data_pipeline.index import AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, KEY, parse_label
+from data_pipeline.index import parse_label
 from data_pipeline.plan import Catalog
 
 ERROR_REASONS = (
@@ -47,13 +47,13 @@ ERROR_REASONS = (
 FILLER_KEY = "<filler>"
 
 
-def pad(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(arrays: list[np.ndarray], dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded ``[B, max(1, max_len)]`` tensor and the lengths ``[B]`` (int64)."""
-    lens = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
-    out = torch.zeros(len(arrays), max(1, int(lens.max())), dtype=dtype)
+    lens = np.array([len(a) for a in arrays], dtype=np.int64)
+    out = np.zeros((len(arrays), max(1, int(lens.max()))), dtype=dtype)
     for i, a in enumerate(arrays):
-        out[i, : len(a)] = torch.from_numpy(np.asarray(a))
-    return out, lens
+        out[i, : len(a)] = a
+    return torch.from_numpy(out), torch.from_numpy(lens)
 
 
 class BatchReader:
@@ -82,15 +82,14 @@ class BatchReader:
 
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
         """(float32 16 kHz audio, text, token ids) of sample ``i``; raises AudioError(reason)."""
-        row, sid = self.catalog.rows[i], int(self.catalog.shard_of[i])
+        sid = int(self.catalog.shard_of[i])
+        audio_off, audio_size, json_off, json_size = self.catalog.members[i].tolist()
         try:
             f = self._file(sid)
         except FileNotFoundError as e:
             raise AudioError("missing_shard", str(e)) from e
-        meta = parse_label(self._member(f, row[JSON_OFF], row[JSON_SIZE]))
-        audio = decode_bytes(
-            self._member(f, row[AUDIO_OFF], row[AUDIO_SIZE]), meta.get("sample_rate")
-        )
+        meta = parse_label(self._member(f, json_off, json_size))
+        audio = decode_bytes(self._member(f, audio_off, audio_size), meta.get("sample_rate"))
         tokens = self.tokenizer.encode(meta["text"]) if self.tokenizer is not None else []
         if self.tokenizer is not None and not tokens:
             raise AudioError("untokenizable", f"no tokens for {meta['text']!r}")
@@ -112,7 +111,7 @@ class BatchReader:
             audios.append(audio)
             texts.append(text)
             tokens.append(np.asarray(toks, dtype=np.int64))
-            keys.append(self.catalog.rows[i][KEY])
+            keys.append(self.catalog.keys[i])
         if not keys:
             audios, texts, tokens, keys = (
                 [np.zeros(SAMPLE_RATE, np.float32)],
@@ -121,8 +120,8 @@ class BatchReader:
                 [FILLER_KEY],
             )
             skipped["filler_batches"] += 1
-        audio_t, audio_lens = pad(audios, torch.float32)
-        tokens_t, token_lens = pad(tokens, torch.int64)
+        audio_t, audio_lens = pad(audios, np.float32)
+        tokens_t, token_lens = pad(tokens, np.int64)
         return {
             "audio": audio_t,
             "audio_lens": audio_lens,

@@ -1,9 +1,9 @@
 """The embedded corpus: procedurally generated, speech-like, learnable in minutes on a CPU.
 
-Sentences of 2–5 words from a 24-word vocabulary over 13 letters. Every letter is a 60–120 ms
+Sentences of 2–5 words from a 24-word vocabulary over 13 letters. Every letter is an 80–120 ms
 segment with its own spectral signature: vowels and nasals are formant tones modulated by the
 speaker's pitch (harmonic sidebands, like a voice), fricatives are noise bands, stops are a closure
-plus a burst. Speakers differ in pitch, vocal-tract length (formant scale), tempo, loudness and
+plus a burst, glides move their formants. Speakers differ in pitch, vocal-tract length (formant scale), tempo, loudness and
 noise floor, so a model must learn letters, not one voice.
 
     OUT/train                   pseudo-labelled: ``pl_noise`` of the labels are corrupted (word
@@ -37,19 +37,19 @@ WORDS = (
 ).split()
 # letter -> (kind, parameters); formants in Hz for an average adult vocal tract.
 LETTERS = {
-    "a": ("vowel", (800, 1200, 2500)),
-    "e": ("vowel", (450, 2000, 2700)),
-    "i": ("vowel", (300, 2300, 3000)),
-    "o": ("vowel", (500, 850, 2400)),
-    "u": ("vowel", (320, 750, 2300)),
-    "m": ("nasal", (250, 1100, 2200)),
-    "n": ("nasal", (250, 1700, 2600)),
-    "l": ("vowel", (380, 1000, 2900)),
-    "r": ("vowel", (450, 1300, 1700)),
-    "s": ("noise", (4500, 7800)),
-    "f": ("noise", (1500, 3500)),
-    "t": ("stop", (3000, 6000)),
-    "k": ("stop", (1200, 2600)),
+    "a": ("vowel", (850, 1250, 2600)),
+    "e": ("vowel", (480, 2100, 2800)),
+    "i": ("vowel", (280, 2600, 3300)),
+    "o": ("vowel", (560, 900, 2500)),
+    "u": ("vowel", (300, 650, 2200)),
+    "m": ("nasal", (250, 900, 2100)),
+    "n": ("nasal", (250, 1800, 2700)),
+    "l": ("glide", ((350, 900, 2900), (600, 1600, 2900))),
+    "r": ("glide", ((650, 1500, 2500), (400, 1100, 1600))),
+    "s": ("noise", (4800, 7800)),
+    "f": ("noise", (1500, 3200)),
+    "t": ("stop", (3200, 6500)),
+    "k": ("stop", (1000, 2400)),
 }
 
 
@@ -79,9 +79,9 @@ def speaker(sid: int) -> Speaker:
     rng = np.random.default_rng([7, sid])
     if sid >= 1000:  # outside the training ranges on both sides
         f0 = rng.choice([rng.uniform(60, 85), rng.uniform(250, 300)])
-        scale = rng.choice([rng.uniform(0.78, 0.85), rng.uniform(1.2, 1.28)])
+        scale = rng.choice([rng.uniform(0.82, 0.87), rng.uniform(1.14, 1.2)])
     else:
-        f0, scale = rng.uniform(90, 240), rng.uniform(0.88, 1.18)
+        f0, scale = rng.uniform(90, 240), rng.uniform(0.9, 1.1)
     return Speaker(f0, scale, rng.uniform(0.85, 1.2), rng.uniform(0.3, 0.8), rng.uniform(25, 40))
 
 
@@ -104,20 +104,21 @@ def _band_noise(rng, n: int, lo: float, hi: float) -> np.ndarray:
 def letter(ch: str, spk: Speaker, tempo: float, rng) -> np.ndarray:
     """One letter as float64 audio."""
     kind, params = LETTERS[ch]
-    n = int(rng.uniform(0.06, 0.12) * spk.tempo * tempo * SAMPLE_RATE)
+    n = int(rng.uniform(0.08, 0.12) * spk.tempo * tempo * SAMPLE_RATE)
     if kind == "noise":
         return _fade(0.35 * _band_noise(rng, n, *params))
     if kind == "stop":
         closure = np.zeros(int(0.4 * n))
         return np.concatenate([closure, _fade(0.6 * _band_noise(rng, n - len(closure), *params))])
-    t = np.arange(n) / SAMPLE_RATE
     f0 = spk.f0 * np.linspace(1.0, rng.uniform(0.85, 1.15), n)
     pulses = (0.5 + 0.5 * np.cos(2 * np.pi * np.cumsum(f0) / SAMPLE_RATE)) ** 6
-    formants = [f * spk.formant_scale * rng.uniform(0.97, 1.03) for f in params]
-    tone = sum(
-        (1.0, 0.6, 0.3)[k] * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
-        for k, f in enumerate(formants)
-    )
+    start, end = params if kind == "glide" else (params, params)
+    tone = np.zeros(n)
+    for k, (f_start, f_end) in enumerate(zip(start, end)):
+        jitter = spk.formant_scale * rng.uniform(0.97, 1.03)
+        track = np.linspace(f_start, f_end, n) * jitter
+        phase = 2 * np.pi * np.cumsum(track) / SAMPLE_RATE + rng.uniform(0, 2 * np.pi)
+        tone += (1.0, 0.6, 0.3)[k] * np.sin(phase)
     return _fade(tone * pulses * (0.5 if kind == "nasal" else 1.0))
 
 
@@ -133,7 +134,7 @@ def render(words: list[str], spk: Speaker, split: Split, rng) -> np.ndarray:
     parts = [np.zeros(int(rng.uniform(0.1, 0.3) * SAMPLE_RATE))]
     for w in words:
         parts += [letter(ch, spk, split.tempo, rng) for ch in w]
-        parts.append(np.zeros(int(rng.uniform(0.06, 0.12) * spk.tempo * split.tempo * SAMPLE_RATE)))
+        parts.append(np.zeros(int(rng.uniform(0.1, 0.16) * spk.tempo * split.tempo * SAMPLE_RATE)))
     parts.append(np.zeros(int(rng.uniform(0.1, 0.3) * SAMPLE_RATE)))
     x = np.concatenate(parts)
     x = spk.gain * x / (np.abs(x).max() + 1e-9)

@@ -7,12 +7,13 @@ import dataclasses
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from harness import run_function
+from harness import run_function, start_command
 
 from data_pipeline.config import DataConfig
 from data_pipeline.index import index_directory, load_index
@@ -188,3 +189,22 @@ def test_workers_ignore_stop_signals(corpus):
         os.kill(pid, signal.SIGTERM)
     batches += list(it)
     assert sum(len(b["keys"]) for b in batches) == 30
+
+
+ABANDON = """
+import sys
+from pathlib import Path
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import SpeechLoader
+cfg = DataConfig(train=[Path(sys.argv[1])], max_duration=4.0, max_batch_seconds=4.0, num_workers=2)
+batches = iter(SpeechLoader(cfg))
+next(batches)
+sys.exit(75)  # as the trainer does after a stop signal, mid-epoch, iterator still referenced
+"""
+
+
+def test_exit_mid_epoch_is_not_held_up_by_workers(corpus):
+    # Workers ignore SIGTERM, which multiprocessing's exit handler relies on to end them.
+    with start_command([sys.executable, "-c", ABANDON, str(corpus)], nprocs=1) as group:
+        (result,) = group.wait(timeout=60, check=False)
+    assert result.returncode == 75, result.stderr
