@@ -65,10 +65,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="also time N loader workers")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory(prefix="omni-ds-bench-")
     if args.shards is None:
-        tmp = Path(tempfile.mkdtemp(prefix="omni-ds-bench-"))
-        generate(tmp, train_utterances=1200, workers=1, progress=False)
-        args.shards, args.tokenizer = tmp / "train", tmp / "tokenizer.model"
+        generate(Path(tmp.name), train_utterances=1200, workers=1, progress=False)
+        args.shards, args.tokenizer = Path(tmp.name) / "train", Path(tmp.name) / "tokenizer.model"
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
     blobs, corpus_seconds = flac_bytes(args.shards)
     cfg = DataConfig(train=[args.shards], num_workers=0)
@@ -89,6 +89,7 @@ def main() -> None:
         cfg = DataConfig(train=[args.shards], num_workers=args.workers)
         took, audio = pipeline(SpeechLoader(cfg, tokenizer, seed=0))
         print(f"full pipeline, {args.workers} workers: {audio / took:8.0f} audio-s/s in total")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
