@@ -19,7 +19,17 @@ import sys
 from pathlib import Path
 
 from data_pipeline.manifests import read_input
-from data_pipeline.shards import _build_shard, group_records, make_shards, run_jobs, shard_name
+
+# The shard builder and its per-shard problem-list directory are make_shards' own: a task must
+# write exactly what the local command writes.
+from data_pipeline.shards import (
+    _PARTS,
+    _build_shard,
+    group_records,
+    make_shards,
+    run_jobs,
+    shard_name,
+)
 
 DONE_DIR = ".array"
 """Per-task completion markers, ``DIR/.array/<job>.<task>-of-<tasks>``: a later array job over
@@ -42,12 +52,12 @@ def run_task(
     groups = group_records(records, shard_size, shard_bytes)
     jobs = [(out / shard_name(i), g) for i, g in enumerate(groups)]
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".parts").mkdir(exist_ok=True)  # make_shards' per-shard problem lists
+    (out / _PARTS).mkdir(exist_ok=True)
     done = out / DONE_DIR
     done.mkdir(exist_ok=True)
     run_jobs(_build_shard, jobs[task::tasks], workers, f"task {task}/{tasks}", progress=True)
     (done / f"{job}.{task}-of-{tasks}").touch()
-    with open(out / DONE_DIR / "lock", "w") as lock:
+    with open(done / "lock", "w") as lock:
         # Both tasks may finish together: one writes the index, the other then finds it written
         # and rewrites the same bytes.
         fcntl.flock(lock, fcntl.LOCK_EX)
