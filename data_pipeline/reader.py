@@ -45,6 +45,7 @@ ERROR_REASONS = (
 
 
 FILLER_KEY = "<filler>"
+MAX_OPEN_SHARDS = 64
 
 
 def pad(arrays: list[np.ndarray], dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +69,12 @@ class BatchReader:
     def _file(self, sid: int):
         if self._pid != os.getpid():  # forked into a worker: handles are not shared
             self._files, self._pid = {}, os.getpid()
-        f = self._files.get(sid)
+        f = self._files.pop(sid, None)
         if f is None:
-            f = self._files[sid] = open(self.catalog.shard_paths[sid], "rb")
+            if len(self._files) >= MAX_OPEN_SHARDS:  # batches mix shards: keep the recent ones
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.catalog.shard_paths[sid], "rb")
+        self._files[sid] = f  # (re)inserted last: the dict's order is least recently used first
         return f
 
     def _member(self, f, offset: int, size: int) -> bytes:
