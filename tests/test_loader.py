@@ -208,3 +208,19 @@ def test_exit_mid_epoch_is_not_held_up_by_workers(corpus):
     with start_command([sys.executable, "-c", ABANDON, str(corpus)], nprocs=1) as group:
         (result,) = group.wait(timeout=60, check=False)
     assert result.returncode == 75, result.stderr
+
+
+def test_config_errors_name_key_value_and_fix(corpus):
+    from omni_ds.config import ConfigError, from_dict
+    from omni_ds.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match=r"data\.max_batch_seconds: 2\.0 .*max_duration"):
+        DataConfig(max_batch_seconds=2.0, max_duration=5.0)
+    with pytest.raises(ValueError, match=r"data\.num_workers: -1 .*use 0"):
+        DataConfig(num_workers=-1)
+    with pytest.raises(
+        ConfigError, match="data.min_pl_confidance: unknown key; did you mean 'min_pl_confidence'"
+    ):
+        from_dict(ExperimentConfig, {"data": {"min_pl_confidance": 0.5}})
+    cfg = from_dict(ExperimentConfig, {"data": {"train": [str(corpus)], "dev": {"a": str(corpus)}}})
+    assert cfg.data.train == [corpus] and cfg.data.dev == {"a": corpus}

@@ -175,3 +175,16 @@ def test_tokenizer_from_shard_transcripts(tmp_path):
         (tmp_path / "empty").mkdir()
         make_shards([], tmp_path / "empty", progress=False)
         train_tokenizer([tmp_path / "empty"], tmp_path / "x", 10)
+
+
+def test_shards_read_by_the_webdataset_library(tmp_path):
+    import webdataset as wds
+
+    records, _ = read_input(_manifest(tmp_path, 4))
+    make_shards(records, tmp_path / "out", shard_size=2, workers=1, progress=False)
+    urls = [str(p) for p in sorted((tmp_path / "out").glob("*.tar"))]
+    got = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert sorted(got) == [f"u{i}" for i in range(4)]
+    audio, rate = sf.read(io.BytesIO(got["u2"]["flac"]), dtype="int16")
+    np.testing.assert_array_equal(audio, pcm(0.4, 2))
+    assert json.loads(got["u2"]["json"])["text"] == "t 2"
