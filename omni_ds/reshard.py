@@ -244,19 +244,24 @@ def reshard(src_path: str | Path, out: str | Path, *, world_size: int, ep_size: 
 def reshard_for_resume(path: Path, world_size: int, ep_size: int) -> Path:
     """Collective (every rank calls it): reshard ``path`` into the sibling
     ``<tag>.reshard-w<W>-ep<K>/`` for this run's layout, each rank writing its own shard, and
-    return it; a complete earlier result is reused."""
+    return it; a complete earlier result is reused, other earlier ones are deleted."""
     import torch.distributed as tdist
 
     dist = tdist.is_initialized()
     rank = tdist.get_rank() if dist else 0
     out = path.parent / f"{path.name}.reshard-w{world_size}-ep{ep_size}"
-    if not _complete(out, world_size, ep_size):
+    complete = [_complete(out, world_size, ep_size)]
+    if dist:  # every rank must take the same branch: rank 0 decides
+        tdist.broadcast_object_list(complete, src=0)
+    if not complete[0]:
         started = time.perf_counter()
         src = ZeroCheckpoint(path)
         check_layout(src, world_size, ep_size)
         if rank == 0:
-            if out.exists():
-                shutil.rmtree(out)
+            # Earlier reshards are copies that their originals reproduce: keep one at a time.
+            for old in path.parent.glob("*.reshard-w*-ep*"):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
             out.mkdir(parents=True)
         if dist:
             tdist.barrier()
