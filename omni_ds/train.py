@@ -74,6 +74,55 @@ class Counters:
             setattr(self, key, value)
 
 
+@dataclasses.dataclass
+class _Window:
+    """Work done on this rank since the last metrics line, for the rates it reports."""
+
+    audio_seconds: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _log_values(engine, losses, out, window: _Window, counters: Counters, loader, grad_norm,
+                peak: float) -> dict[str, float]:  # fmt: skip
+    """One metrics line; collective (every rank calls it at the same step)."""
+    values = mean_over_ranks(
+        {
+            "loss": losses.total.item(),
+            "ctc": losses.ctc.item(),
+            "balance": losses.balance.item(),
+            "z": losses.z.item(),
+            **routing_summary(out.routing),
+        }
+    )
+    totals = sum_over_ranks(
+        {
+            "window_audio_seconds": window.audio_seconds,
+            "tokens": window.tokens,
+            "flops": window.flops,
+            "samples": counters.samples,
+            "audio_seconds": counters.audio_seconds,
+        }
+    )
+    elapsed = time.perf_counter() - window.start
+    devices = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+    skipped = sum_counts_over_ranks(loader.skipped())
+    return {
+        **values,
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(norm) if norm is not None else math.nan,
+        "audio_seconds_per_s": totals["window_audio_seconds"] / elapsed,
+        "tokens_per_s": totals["tokens"] / elapsed,
+        "mfu": totals["flops"] / elapsed / (peak * 1e12 * devices) if peak else 0.0,
+        "samples": totals["samples"],
+        "audio_hours": totals["audio_seconds"] / 3600,
+        "nonfinite_skipped": counters.nonfinite_skipped,
+        **{f"skipped/{k}": v for k, v in skipped.items()},
+    }
+
+
 def _write_resolved_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -99,7 +148,7 @@ def train(cfg: ExperimentConfig, ds_config: dict) -> int:
             counters.load_state_dict(rank_state["counters"])
             loader.load_state_dict(rank_state["loader"])
         batches = iter(loader)
-        if client is not None:  # last: creating the iterator above draws from the torch RNG
+        if client is not None:  # last: nothing may draw random numbers before the first step
             checkpoints.restore_rng(client)
         if info.is_main:  # only once the checkpoint (if any) was accepted
             _write_resolved_config(cfg, run_dir)
@@ -147,8 +196,7 @@ def _loop(cfg, engine, model, loader, batches, dev_sets, tokenizer, checkpoints,
         from tqdm import tqdm
 
         bar = tqdm(total=tcfg.max_steps, initial=counters.step, desc="train", dynamic_ncols=True)
-    window = {"audio_seconds": 0.0, "tokens": 0.0, "flops": 0.0}
-    window_start = time.perf_counter()
+    window = _Window()
     in_a_row, stopping = 0, False
     fresh = False  # a resumed iterator may sit at the end of its epoch
     while counters.step < tcfg.max_steps:
@@ -187,9 +235,9 @@ def _loop(cfg, engine, model, loader, batches, dev_sets, tokenizer, checkpoints,
         counters.samples += len(batch["keys"])
         seconds = float(audio_lens.sum()) / 16000.0
         counters.audio_seconds += seconds
-        window["audio_seconds"] += seconds
-        window["tokens"] += float(token_lens.sum())
-        window["flops"] += step_flops(active, cfg.model.n_layers, cfg.model.d_model, out.out_lens)
+        window.audio_seconds += seconds
+        window.tokens += float(token_lens.sum())
+        window.flops += step_flops(active, cfg.model.n_layers, cfg.model.d_model, out.out_lens)
         if engine.global_steps == counters.step:  # inside a gradient-accumulation window
             continue
         counters.step = engine.global_steps
@@ -197,33 +245,9 @@ def _loop(cfg, engine, model, loader, batches, dev_sets, tokenizer, checkpoints,
             bar.update(1)
             bar.set_postfix(loss=f"{losses.total.item():.3f}")
         if log_now:
-            values = {
-                "loss": losses.total.item(),
-                "ctc": losses.ctc.item(),
-                "balance": losses.balance.item(),
-                "z": losses.z.item(),
-                **routing_summary(out.routing),
-            }
-            values = mean_over_ranks(values)
-            totals = sum_over_ranks(
-                {**window, "samples": counters.samples, "audio_seconds": counters.audio_seconds}
-            )
-            elapsed = time.perf_counter() - window_start
-            norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
-            values.update(
-                lr=engine.get_lr()[0],
-                grad_norm=float(norm) if norm is not None else math.nan,
-                audio_seconds_per_s=totals["audio_seconds"] / elapsed,
-                tokens_per_s=totals["tokens"] / elapsed,
-                mfu=totals["flops"] / elapsed / (peak * 1e12 * info.world_size) if peak else 0.0,
-                samples=totals["samples"],
-                audio_hours=totals["audio_seconds"] / 3600,
-                nonfinite_skipped=counters.nonfinite_skipped,
-                **{f"skipped/{k}": v for k, v in sum_counts_over_ranks(loader.skipped()).items()},
-            )
+            values = _log_values(engine, losses, out, window, counters, loader, grad_norm, peak)
             metrics.write(counters.step, values)
-            window = {"audio_seconds": 0.0, "tokens": 0.0, "flops": 0.0}
-            window_start = time.perf_counter()
+            window = _Window()
         last = counters.step >= tcfg.max_steps
         if dev_sets and (last or (tcfg.dev_every and counters.step % tcfg.dev_every == 0)):
             for name, scores in dev_scores(

@@ -1,9 +1,10 @@
-"""omni_ds.checkpoint: exact resume (RNG and data state included), atomicity, pruning, refusal."""
+"""omni_ds.checkpoint: exact resume (RNG and data state included), atomicity, pruning, policy."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,18 @@ def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="is not a complete omni-ds checkpoint"):
         ckpt.resume_path(str(tmp_path / "nowhere"))
     assert ckpt.resume_path("auto") == tmp_path / "checkpoints" / "step_2"
+
+
+def test_save_policy_by_steps_and_by_minutes(tmp_path):
+    from omni_ds.checkpoint import Checkpointer
+
+    by_steps = Checkpointer(None, tmp_path, CheckpointConfig(every_steps=5), ep_size=1)
+    assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]
+    never = Checkpointer(None, tmp_path, CheckpointConfig(every_steps=0), ep_size=1)
+    assert not any(never.due(s) for s in range(1, 100))
+    by_time = Checkpointer(
+        None, tmp_path, CheckpointConfig(every_steps=0, every_minutes=0.5 / 60), ep_size=1
+    )
+    assert not by_time.due(1)
+    time.sleep(0.6)
+    assert by_time.due(2)

@@ -143,7 +143,9 @@ def _kill_mid_save(argv: list, ckpts: Path) -> Path | None:
     interrupted tag if the kill landed before its manifest (it can land just after)."""
     with start_command(argv, 2) as group:
         while (saving := _saving(ckpts)) is None:
-            assert all(p.poll() is None for p in group.procs), "run ended before a save was hit"
+            if any(p.poll() is not None for p in group.procs):
+                group.wait(timeout=60)  # raises with every rank's stderr if one failed
+                raise AssertionError("the run ended before a save was hit")
         group.kill()
     return saving if not (saving / MANIFEST).exists() else None
 
