@@ -1,7 +1,9 @@
 """``omni-ds train``: the training loop, flat and in one place.
 
     omni-ds train configs/tiny.yaml --set train.run_dir=runs/tiny          # 1 process
-    torchrun --nproc_per_node 2 -m omni_ds.cli train configs/tiny.yaml    # or deepspeed / srun
+    torchrun --nproc_per_node 2 -m omni_ds.cli train configs/tiny.yaml    # 2 processes
+    deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train configs/tiny.yaml
+    srun --ntasks-per-node 2 omni-ds train configs/tiny.yaml             # inside an allocation
 
 Reads like the workflow: check the config → bring up the ranks → build loader, model and
 DeepSpeed engine → load the latest complete checkpoint → loop {forward, agree on non-finite

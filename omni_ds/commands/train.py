@@ -1,8 +1,13 @@
 """Train an experiment with DeepSpeed: omni-ds train CONFIG.yaml [--set key=value ...].
 
 Checks the config first (as ``omni-ds check-config`` does, for this launch's world size), then
-trains; launch one process per GPU with ``torchrun``, the ``deepspeed`` launcher or ``srun`` (on
-a CPU-only host the processes use gloo). The run directory (``train.run_dir``) receives the
+trains; launch one process per GPU (on a CPU-only host the processes use gloo):
+
+    torchrun --nproc_per_node 2 -m omni_ds.cli train CONFIG.yaml
+    deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train CONFIG.yaml
+    srun --ntasks-per-node 2 omni-ds train CONFIG.yaml
+
+ The run directory (``train.run_dir``) receives the
 resolved ``config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``.
 
 Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
@@ -32,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: continue from the run dir's latest complete checkpoint (the default, "
         "checkpoint.resume in the YAML); none: start fresh; PATH: a checkpoint directory",
     )
-    # The deepspeed launcher appends --local_rank; omni_ds.dist reads LOCAL_RANK instead.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
