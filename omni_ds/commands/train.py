@@ -7,8 +7,8 @@ trains; launch one process per GPU (on a CPU-only host the processes use gloo):
     deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train CONFIG.yaml
     srun --ntasks-per-node 2 omni-ds train CONFIG.yaml
 
- The run directory (``train.run_dir``) receives the
-resolved ``config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``.
+The run directory (``train.run_dir``) receives the resolved ``config.yaml``, ``metrics.jsonl``,
+``tensorboard/`` and ``checkpoints/``.
 
 Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
 the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems;
