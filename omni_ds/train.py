@@ -279,6 +279,13 @@ def main(config: str, overrides: list[str], resume: str | None = None) -> int:
     if resume is not None:
         overrides = [*overrides, f"checkpoint.resume={resume}"]
     cfg, ds_config, problems = check_experiment(config, overrides, world_size)
+    fp16 = ds_config is not None and (ds_config.get("fp16") or {}).get("enabled")
+    if fp16 and not torch.cuda.is_available():
+        problems.append(
+            f"deepspeed: fp16.enabled: true on a host without a GPU; DeepSpeed's CPU accelerator "
+            f"refuses fp16; use ds_configs/zero1_fp32.json or zero2_bf16.json here "
+            f"({cfg.deepspeed} is for GPUs)"
+        )
     if problems:
         raise ConfigError(
             f"{config}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)

@@ -213,4 +213,7 @@ def test_train_refuses_a_bad_config_before_starting(corpus, tmp_path, capsys):
     argv = train_argv(corpus, tmp_path / "run", "model.moe.ep_size=3")[1:]
     assert main(argv) == 2
     assert "ep_size" in capsys.readouterr().err
+    argv = train_argv(corpus, tmp_path / "run", ds="zero2_fp16.json")[1:]
+    assert main(argv) == 2
+    assert "DeepSpeed's CPU accelerator refuses fp16" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
