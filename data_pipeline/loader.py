@@ -125,6 +125,9 @@ class SpeechLoader:
 
     def __iter__(self) -> Iterator[dict]:
         plan = self._plan()
+        if plan.steps and self._segments[-1][1] >= len(plan.steps):
+            self._finish_epoch(plan)  # a state taken after an epoch's last batch, before its end
+            plan = self._plan()
         if not self._counted:
             # Samples the plan leaves out are counted once per epoch, each on one rank.
             skips = share_of_rank(self._plan_skips, self.rank, self.world_size)
@@ -134,6 +137,9 @@ class SpeechLoader:
             for sid, _, _ in self.catalog.bad[self.rank :: self.world_size]:
                 self._shard_errors[self.catalog.shard_paths[sid]] += 1
             self._counted = True
+        if not plan.steps:
+            self._finish_epoch(plan)
+            return
         done = self._segments[-1][1]
         mine = [step[self.rank] for step in plan.steps[done:]]
         batches = self._batches(mine, plan.buckets[done:])
@@ -141,12 +147,17 @@ class SpeechLoader:
             for batch in batches:
                 self._segments[-1][1] += 1
                 self._account(batch)
+                if self._segments[-1][1] == len(plan.steps):
+                    # Before the last batch leaves: a state taken after it starts the next epoch.
+                    self._finish_epoch(plan)
                 yield batch
         finally:
             if batches in _LIVE:
                 _stop_workers(batches)
-        self._skipped.update(share_of_rank(["rank_remainder"] * len(plan.dropped), self.rank,
-                                           self.world_size))  # fmt: skip
+
+    def _finish_epoch(self, plan) -> None:
+        dropped = ["rank_remainder"] * len(plan.dropped)
+        self._skipped.update(share_of_rank(dropped, self.rank, self.world_size))
         self.epoch += 1
         self._segments = [[self.world_size, 0]]
         self._counted = False

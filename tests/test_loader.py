@@ -146,6 +146,18 @@ def test_exact_resume_same_world_size(corpus):
     assert [r[:k] + s for r, s in zip(full, rest)] == full
 
 
+def test_state_after_the_last_batch_starts_the_next_epoch(corpus):
+    # A trainer checkpoints right after a step, before asking for the batch that ends the epoch.
+    loaders = _loaders(corpus, 2, 0)
+    epoch0 = _run(loaders, len(loaders[0]))
+    state = loaders[0].state_dict()
+    assert state["epoch"] == 1
+    resumed = _run(_loaders(corpus, 2, 0, state))
+    fresh = _loaders(corpus, 2, 0)
+    _run(fresh)
+    assert resumed == _run(fresh) != epoch0
+
+
 @pytest.mark.parametrize("hops", [(2, 3), (2, 1), (3, 2, 1)])
 def test_resume_on_other_world_sizes_and_worker_counts(corpus, hops):
     rng = random.Random(sum(hops))
