@@ -27,7 +27,7 @@ from pathlib import Path
 from data_pipeline.audio import MIN_SAMPLE_RATE, AudioError, header
 
 INDEX_FILE = "index.json"
-AUDIO_EXTS = ("flac", "wav")
+AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "opus")  # what soundfile (libsndfile) decodes
 # Column order of a sample row.
 KEY, SECONDS, CHARS, CONFIDENCE, AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, AUDIO_EXT = range(9)
 
