@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,8 @@ class Stage:
 
 def shown(argv: list[str]) -> str:
     """The command as a user would type it (``omni-ds``/``torchrun`` instead of the interpreter)."""
-    text = " ".join(argv)
-    return text.replace(" ".join(_CLI), "omni-ds").replace(" ".join(_TORCHRUN), "torchrun")
+    text = shlex.join(argv)
+    return text.replace(shlex.join(_CLI), "omni-ds").replace(shlex.join(_TORCHRUN), "torchrun")
 
 
 def _train_env(nproc: int) -> dict[str, str]:

@@ -132,15 +132,25 @@ def routing_findings(analyses: dict[str, dict]) -> list[str]:
             )  # fmt: skip
         )
     rr = {r: a["random_routing"] for r, a in analyses.items()}
+    absolute = {r: x["absolute_increase"] for r, x in rr.items()}
+    relative = {r: x["relative_increase"] or 0.0 for r, x in rr.items()}
+    if absolute["omni"] > absolute["switch"] and relative["omni"] > relative["switch"]:
+        verdict = "Omni degrades more, absolutely and relatively: its experts are more "
+        verdict += "specialised, as in the paper."
+    elif absolute["omni"] <= absolute["switch"] and relative["omni"] <= relative["switch"]:
+        verdict = "Omni does NOT degrade more than Switch here (the paper finds it does)."
+    else:
+        verdict = "Mixed: omni loses more WER points but less relative to its own WER, or the "
+        verdict += "reverse; no clear sign of more specialised experts."
     lines.append(
         "- **Random-routing ablation** (every expert choice replaced by a random expert, dev): "
-        + "; ".join(f"{r} {_pct(analyses[r]['wer'])} → {_pct(x['wer'])}" for r, x in rr.items())
+        + "; ".join(
+            f"{r} {_pct(analyses[r]['wer'])} → {_pct(x['wer'])} (+{100 * absolute[r]:.1f} points, "
+            f"x{1 + relative[r]:.1f})"
+            for r, x in rr.items()
+        )
         + ". "
-        + (
-            "Omni degrades more, i.e. its experts are more specialised, as in the paper."
-            if rr["omni"]["absolute_increase"] > rr["switch"]["absolute_increase"]
-            else "Omni does NOT degrade more than Switch here (the paper finds it does)."
-        )  # fmt: skip
+        + verdict
     )
     if om.get("rasters") and sw.get("rasters"):
         lines.append(
