@@ -193,6 +193,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_exits_for_requeue(corpus, tmp_
     assert sorted(losses(run)) == list(range(1, step + 3))
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_after_k_nonfinite_losses(corpus, tmp_path):
     ds = json.loads(Path("ds_configs/zero1_fp32.json").read_text())
     ds["optimizer"]["params"]["lr"] = 1e30
