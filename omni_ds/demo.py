@@ -60,13 +60,20 @@ class DemoSettings:
 
 @dataclasses.dataclass(kw_only=True)
 class Stage:
+    """One step of the demo: a command, what it must leave behind, and what it depends on."""
+
     name: str
+    """Key of its record ``OUT/stages/<name>.json``."""
     title: str
+    """What the stage log line says."""
     argv: list[str]
+    """The command, run as a subprocess with its output streaming through."""
     outputs: list[Path]
     """All must exist for a recorded stage to count as finished."""
     params: dict
+    """Settings the outputs depend on; a recorded stage with other params is rerun."""
     deps: tuple[str, ...] = ()
+    """Stages whose rerun makes this one rerun."""
     clean: Path | None = None
     """Removed before the stage runs with new parameters (stale outputs of another setting)."""
     env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -226,8 +233,13 @@ def run_stage(stage: Stage, out: Path) -> float:
     """Runs the stage's command with its output streaming to this terminal; returns seconds."""
     marker = _marker(out, stage.name)
     previous = _read_marker(marker)
-    # Same parameters, not finished: an interrupted run; training resumes from its checkpoints.
-    interrupted = previous is not None and previous.get("params") == stage.params
+    # Started with the same parameters and never finished: an interrupted run, whose training
+    # resumes from its checkpoints. Anything else starts from a clean output directory.
+    interrupted = (
+        previous is not None
+        and previous.get("status") == "started"
+        and previous.get("params") == stage.params
+    )
     if stage.clean is not None and stage.clean.exists() and not interrupted:
         shutil.rmtree(stage.clean)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +257,8 @@ def run_stage(stage: Stage, out: Path) -> float:
 
 @dataclasses.dataclass
 class StageTime:
+    """How long a stage took, now or (``reused``) when it last ran."""
+
     name: str
     seconds: float
     reused: bool
