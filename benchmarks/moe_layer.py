@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of one MoE layer: grouped dispatch vs DeepSpeed's stock.
 
     .venv/bin/python benchmarks/moe_layer.py                        # 4k/16k/32k tokens
-    .venv/bin/python benchmarks/moe_layer.py --tokens 4096 --repeats 5
+    .venv/bin/python benchmarks/moe_layer.py --tokens 16384 --cpu-time   # on a busy machine
 
 Both sides are ``omni_ds.moe.MoEFeedForward`` with the same weights, the same inputs and the
 same routing (E=8, d=512, FFN 2048, top-1, dropless); they differ only in ``dispatch``: ``stock``
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omni_ds.moe import MoEConfig, MoEFeedForward  # noqa: E402
 
 E, D, FF = 8, 512, 2048
+CLOCK = time.perf_counter
 
 
 def skewed_inputs(layer: MoEFeedForward, n: int, share: float, device) -> torch.Tensor:
@@ -74,13 +75,13 @@ def build(dispatch: str, routing: str, tokens: int, device) -> tuple[MoEFeedForw
 
 
 def step(layer: MoEFeedForward, x: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     layer(x).out.square().mean().backward()
     if x.device.type == "cuda":
         torch.cuda.synchronize()
     x.grad = None
     layer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def measure_time(routing: str, tokens: int, repeats: int) -> dict:
@@ -125,11 +126,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread, process CPU seconds instead of wall seconds (robust on a shared machine)",
+    )
     parser.add_argument("--time", nargs=2, metavar=("ROUTING", "TOKENS"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--memory", nargs=3, metavar=("DISPATCH", "ROUTING", "TOKENS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
     if args.time:
         print(json.dumps(measure_time(args.time[0], int(args.time[1]), args.repeats)))
         return 0
@@ -139,13 +149,14 @@ def main() -> int:
     cases = [(r, t) for t in args.tokens for r in ("balanced", "skewed")]
     rows = []
     for routing, tokens in tqdm(cases, desc="cases"):
-        timing = _run("--repeats", str(args.repeats), "--time", routing, str(tokens))
+        flags = ["--cpu-time"] * args.cpu_time + ["--repeats", str(args.repeats)]
+        timing = _run(*flags, "--time", routing, str(tokens))
         memory = {d: _run("--memory", d, routing, str(tokens)) for d in ("stock", "grouped")}
         rows.append((routing, tokens, timing, memory))
     device = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads"
+        else f"CPU, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} seconds"
     )
     print(f"\nMoE layer fwd+bwd, E={E}, d={D}, FFN {FF}, top-1, dropless, fp32 ({device})\n")
     print("| tokens | routing | busiest expert | stock s | grouped s | time ratio "
