@@ -4,7 +4,7 @@ Procedurally generated letters-as-formant-segments speech (see ``data_pipeline.s
 model learns it in minutes on a CPU. Train labels are pseudo-labels, a share of them corrupted with
 lower ``pl_confidence``; four out-of-domain test sets shift speakers, tempo, noise and bandwidth.
 
-    omni-ds synth data/synth                          # ~3,600 utterances, ~15 s on 2 cores
+    omni-ds synth data/synth                          # ~3,600 utterances, 18 CPU-s (< 30 s on 2 cores)
     omni-ds synth data/big --train-utterances 20000 --pl-noise 0.3
 """
 
