@@ -127,11 +127,8 @@ def _pack(ids: list[int], seconds: np.ndarray, budget: float, max_size: int) -> 
     longest = 0.0
     for i in ids:
         d = seconds[i]
-        if (
-            batches
-            and batches[-1]
-            and (max(longest, d) * (len(batches[-1]) + 1) <= budget and len(batches[-1]) < max_size)
-        ):
+        n = len(batches[-1]) if batches else 0
+        if n and max(longest, d) * (n + 1) <= budget and n < max_size:
             batches[-1].append(i)
             longest = max(longest, d)
         else:
@@ -201,8 +198,8 @@ def plan_epoch(
         plan = plan_segment(remaining, seconds, world_size, cfg, rng)
         if j == len(segments) - 1:
             return plan
-        consumed = {i for step in plan.steps[:done] for batch in step for i in batch}
-        remaining = np.array([i for i in remaining if i not in consumed], dtype=np.int64)
+        consumed = [i for step in plan.steps[:done] for batch in step for i in batch]
+        remaining = remaining[~np.isin(remaining, consumed)]
     raise ValueError("segments must not be empty")
 
 
