@@ -146,7 +146,7 @@ def routing_findings(analyses: dict[str, dict]) -> list[str]:
         "- **Random-routing ablation** (every expert choice replaced by a random expert, dev): "
         + "; ".join(
             f"{r} {_pct(analyses[r]['wer'])} → {_pct(x['wer'])} (+{100 * absolute[r]:.1f} points, "
-            f"x{1 + relative[r]:.1f})"
+            f"x{1 + relative[r]:.2f})"
             for r, x in rr.items()
         )
         + ". "
