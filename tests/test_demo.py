@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_ds.demo import ROUTERS, TEST_SETS
+from omni_ds.demo import ROUTERS, TEST_SETS, Stage, StageFailed, _finished, run_stage
 from omni_ds.demo_report import verdicts, wer_findings
 from omni_ds.eval.wer import EvalReport, SetScore
 
@@ -77,3 +77,31 @@ def test_report_verdicts_follow_the_numbers_including_where_omni_loses():
     assert "Omni does not win here on the mean**: dense does" in text
     assert "better on none; worse on `test_fast`, `test_noisy`" in text
     assert "dense 10.0%" in text
+
+
+def test_stage_records_decide_reuse_resume_and_clean(tmp_path):
+    """A finished stage is reused only with the same params and outputs; a failed (interrupted)
+    one keeps its outputs for the rerun to resume from; other params start clean."""
+    out, work = tmp_path / "demo", tmp_path / "work"
+    work.mkdir()
+    (work / "stale").write_text("another setting's output")
+
+    def stage(code: str, params: dict) -> Stage:
+        argv = [sys.executable, "-c", code]
+        return Stage(name="s", title="s", argv=argv, outputs=[work / "done"], params=params,
+                     clean=work)  # fmt: skip
+
+    partial = f"import os; os.makedirs({str(work)!r}); open({str(work / 'partial')!r}, 'w')"
+    failing = stage(partial + "; raise SystemExit(3)", {"steps": 5})
+    with pytest.raises(StageFailed, match="exit 3"):
+        run_stage(failing, out)  # no record yet: starts clean
+    assert not (work / "stale").exists() and _finished(failing, out) is None
+    resumed = stage(f"open({str(work / 'done')!r}, 'w')", {"steps": 5})
+    run_stage(resumed, out)  # same params after a failure: outputs kept
+    assert (work / "partial").exists() and _finished(resumed, out)["status"] == "done"
+    assert _finished(stage("", {"steps": 6}), out) is None
+    (work / "done").unlink()
+    assert _finished(resumed, out) is None
+    done = f"import os; os.makedirs({str(work)!r}); open({str(work / 'done')!r}, 'w')"
+    run_stage(stage(done, {"steps": 6}), out)
+    assert not (work / "partial").exists()  # other params: cleaned first
