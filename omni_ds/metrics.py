@@ -61,28 +61,22 @@ def routing_summary(routing) -> dict[str, float]:
     return out
 
 
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Sums every value over ranks (one collective; every rank calls it with the same keys)."""
+    if not tdist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Averages every value over ranks (one collective; every rank calls it with the same keys)."""
-    if not tdist.is_initialized() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
-    tdist.all_reduce(t)
-    t /= tdist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not tdist.is_initialized() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
-    tdist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    return {k: v / world for k, v in sum_over_ranks(values).items()}
 
 
 def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from omni_ds.commands import add_overrides_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
@@ -19,14 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="number of processes (GPUs) the run will use (default 1)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a YAML key, e.g. --set model.moe.ep_size=2 (repeatable)",
-    )
+    add_overrides_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

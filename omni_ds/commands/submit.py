@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omni_ds.commands import add_overrides_argument
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 
 
@@ -47,14 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="checkpoint and requeue this long before the time limit (default 300)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a YAML key, e.g. --set train.max_steps=100 (repeatable)",
-    )
+    add_overrides_argument(parser)
     parser.add_argument(
         "--sbatch-arg",
         dest="sbatch_args",

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import argparse
 
+from omni_ds.commands import add_overrides_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a YAML key, e.g. --set train.max_steps=100 (repeatable)",
-    )
+    add_overrides_argument(parser)
     parser.add_argument(
         "--resume",
         default=None,
