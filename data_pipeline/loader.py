@@ -23,6 +23,8 @@ worst shards.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import weakref
@@ -48,6 +50,27 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+# Workers start from a single-threaded fork server, never by forking the trainer itself: a trainer
+# runs gloo/NCCL, tqdm and queue-feeder threads, and a fork taken while one of them holds
+# CPython's thread-state lock leaves the child stuck in its after-fork clean-up (seen: a dev-set
+# worker hung in _PyThreadState_DeleteExcept while the other rank waited in the MoE all-to-all).
+_WORKER_CONTEXT = multiprocessing.get_context("forkserver")
+_WORKER_CONTEXT.set_forkserver_preload(["data_pipeline.reader"])
+
+
+def _ensure_fork_server() -> None:
+    """Start the fork server with the stop signals ignored (kept across its exec and inherited
+    by every worker), so SIGUSR1/SIGTERM sent to the trainer's process group reach the trainer
+    alone."""
+    stops = (signal.SIGUSR1, signal.SIGTERM)
+    old = [signal.signal(s, signal.SIG_IGN) for s in stops]
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for s, handler in zip(stops, old):
+            signal.signal(s, handler)
 
 
 # Workers ignore SIGTERM, so neither torch's fallback (``terminate()``) nor multiprocessing's exit
@@ -166,6 +189,7 @@ class SpeechLoader:
         dataset = _PlannedBatches(self.reader, batches, buckets)
         if self.cfg.num_workers == 0:
             return (dataset[i] for i in range(len(dataset)))
+        _ensure_fork_server()
         it = iter(
             torch.utils.data.DataLoader(
                 dataset,
@@ -173,7 +197,7 @@ class SpeechLoader:
                 num_workers=min(self.cfg.num_workers, max(1, len(dataset))),
                 prefetch_factor=self.cfg.prefetch_factor,
                 worker_init_fn=_ignore_stop_signals,
-                multiprocessing_context="fork",
+                multiprocessing_context=_WORKER_CONTEXT,
             )
         )
         _LIVE.add(it)

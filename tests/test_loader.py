@@ -187,19 +187,27 @@ def _bytes_of(x: np.ndarray, rate: int, fmt: str, subtype: str) -> bytes:
     return buf.getvalue()
 
 
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found |= set(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+    return found
+
+
 def test_workers_ignore_stop_signals(corpus):
     loader = SpeechLoader(config(corpus, num_workers=2, max_batch_size=2), seed=0)
     it = iter(loader)
     batches = [next(it)]
-    me = os.getpid()
-    children = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        children |= set(map(int, Path(f"/proc/{me}/task/{task}/children").read_text().split()))
-    assert len(children) == 2
-    for pid in children:
+    # Workers are forked by a fork server, a child of ours; signal it and both workers.
+    servers = {c: _children(c) for c in _children(os.getpid()) if _children(c)}
+    workers = set().union(*servers.values())
+    assert len(servers) == 1 and len(workers) == 2
+    for pid in [*servers, *workers]:
         os.kill(pid, signal.SIGUSR1)
         os.kill(pid, signal.SIGTERM)
     batches += list(it)
+    assert sum(len(b["keys"]) for b in batches) == 30
+    batches = list(loader)  # the next epoch starts new workers from the same server
     assert sum(len(b["keys"]) for b in batches) == 30
 
 
