@@ -32,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-_LAUNCH_VARS = (
+# What a launcher sets per rank; never inherited from the test process.
+LAUNCH_VARS = (
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -66,7 +67,7 @@ def rank_environ(
     """The environment torchrun would give ``rank``; ``nodes`` > 1 simulates several hosts."""
     local = nprocs // nodes
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _LAUNCH_VARS
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS
     }
     env.update(
         RANK=str(rank),

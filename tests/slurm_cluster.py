@@ -20,18 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import LAUNCH_VARS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
-# Launch variables of the test process must not leak into jobs (sbatch exports everything).
-_LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
 def _installed() -> bool:
@@ -81,7 +73,8 @@ class LocalCluster:
         # Not pytest's tmp_path: munged needs every parent of its socket searchable by all.
         directory = Path(tempfile.mkdtemp(prefix="omni-ds-slurm-", dir="/tmp"))
         directory.chmod(0o755)
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+        # sbatch exports everything: the test process's launch variables must not reach jobs.
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
         env.update(
             SLURM_LOCAL_DIR=str(directory),
             SLURM_LOCAL_PORT=str(_free_port_block(nodes)),
