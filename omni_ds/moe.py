@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from omni_ds.config import ConfigError
 from omni_ds.dispatch import grouped_dispatch
-from omni_ds.router import OmniRouter, Routing, make_router
+from omni_ds.router import OmniRouter, Routing, gating_kwargs, make_router
 
 __all__ = [
     "FeedForward",
@@ -178,13 +178,7 @@ class MoEFeedForward(nn.Module):
             FeedForward(d_model, d_ff, dropout),
             num_experts=cfg.num_experts,
             ep_size=cfg.ep_size,
-            k=cfg.top_k,
-            capacity_factor=cfg.capacity_factor,
-            eval_capacity_factor=cfg.eval_capacity_factor,
-            min_capacity=cfg.min_capacity,
-            drop_tokens=not cfg.dropless,
-            use_rts=cfg.use_rts,
-            top2_2nd_expert_sampling=cfg.second_expert_sampling,
+            **gating_kwargs(cfg),
         )
         # The stock per-layer TopKGate is replaced, not kept beside the router: one W_r.
         self.moe.deepspeed_moe.gate = router if router is not None else OmniRouter(cfg, d_model)

@@ -74,21 +74,24 @@ class Routing:
         )
 
 
+def gating_kwargs(cfg: MoEConfig) -> dict:
+    """The gating settings DeepSpeed's ``MoE`` and ``TopKGate`` both take, from our config."""
+    return dict(
+        k=cfg.top_k,
+        capacity_factor=cfg.capacity_factor,
+        eval_capacity_factor=cfg.eval_capacity_factor,
+        min_capacity=cfg.min_capacity,
+        drop_tokens=not cfg.dropless,
+        use_rts=cfg.use_rts,
+        top2_2nd_expert_sampling=cfg.second_expert_sampling,
+    )
+
+
 class OmniRouter(TopKGate):
     """W_r with DeepSpeed's top-1/top-2 gating, applied to real frames only."""
 
     def __init__(self, cfg: MoEConfig, d_model: int):
-        super().__init__(
-            d_model,
-            cfg.num_experts,
-            k=cfg.top_k,
-            capacity_factor=cfg.capacity_factor,
-            eval_capacity_factor=cfg.eval_capacity_factor,
-            min_capacity=cfg.min_capacity,
-            drop_tokens=not cfg.dropless,
-            use_rts=cfg.use_rts,
-            top2_2nd_expert_sampling=cfg.second_expert_sampling,
-        )
+        super().__init__(d_model, cfg.num_experts, **gating_kwargs(cfg))
         if cfg.router_bias:
             self.wg = nn.Linear(d_model, cfg.num_experts, bias=True)
         self.jitter = cfg.jitter
