@@ -31,7 +31,7 @@ from omni_ds.config import ConfigError
 from omni_ds.decode import ctc_greedy as greedy_decode  # noqa: F401  (the contract's name)
 from omni_ds.frontend import Frontend, FrontendConfig, valid_mask
 from omni_ds.moe import FeedForward, MoEConfig, MoEFeedForward, RoutingStats
-from omni_ds.router import make_router
+from omni_ds.router import OmniRouter
 
 FRAME_SHIFT_S = 0.04
 
@@ -175,9 +175,9 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block whose FFN is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool, router: nn.Module | None) -> None:
+    def __init__(self, cfg: ModelConfig, router: OmniRouter | None) -> None:
         super().__init__()
-        self.is_moe = moe
+        self.is_moe = moe = router is not None
         self.ln_attn = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
@@ -204,10 +204,12 @@ class SpeechEncoder(nn.Module):
         self.cfg = cfg
         self.frontend = Frontend(cfg.frontend, cfg.d_model)
         # Registered before the blocks: the shared router's canonical name is ``router.*``.
-        self.router = make_router(cfg.moe, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg, cfg.is_moe_layer(i), self.router) for i in range(cfg.n_layers)
-        )
+        self.router = OmniRouter(cfg.moe, cfg.d_model) if cfg.moe.router == "omni" else None
+        routers = [
+            (self.router or OmniRouter(cfg.moe, cfg.d_model)) if cfg.is_moe_layer(i) else None
+            for i in range(cfg.n_layers)
+        ]
+        self.blocks = nn.ModuleList(Block(cfg, router) for router in routers)
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size + 1)
 

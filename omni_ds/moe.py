@@ -162,14 +162,12 @@ class MoEFeedForward(nn.Module):
         d_model: int,
         d_ff: int,
         *,
-        router: OmniRouter | None = None,
+        router: OmniRouter,
         dropout: float = 0.0,
     ):
         super().__init__()
         if cfg.router == "dense":
             raise ConfigError("moe.router = 'dense': build a FeedForward instead of an MoE block")
-        if (cfg.router == "omni") != (router is not None):
-            raise ValueError("router=omni needs the shared router (make_router); switch takes none")
         self.cfg = cfg
         self.random_routing = False
         """Eval-only ablation: each frame's experts are replaced by uniformly random ones."""
@@ -181,7 +179,7 @@ class MoEFeedForward(nn.Module):
             **gating_kwargs(cfg),
         )
         # The stock per-layer TopKGate is replaced, not kept beside the router: one W_r.
-        self.moe.deepspeed_moe.gate = router if router is not None else OmniRouter(cfg, d_model)
+        self.moe.deepspeed_moe.gate = router
         self._init_experts()
 
     def _init_experts(self) -> None:
