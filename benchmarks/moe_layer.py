@@ -36,7 +36,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omni_ds.moe import MoEConfig, MoEFeedForward  # noqa: E402
+from omni_ds.config.model import MoEConfig  # noqa: E402
+from omni_ds.model.moe import MoEFeedForward  # noqa: E402
+from omni_ds.model.router import Router  # noqa: E402
 
 E, D, FF = 8, 512, 2048
 CLOCK = time.perf_counter
@@ -65,7 +67,7 @@ def build(dispatch: str, routing: str, tokens: int, device) -> tuple[MoEFeedForw
     """The layer (same weights for either dispatch: same seed) and its input [1, tokens, D]."""
     torch.manual_seed(0)
     cfg = MoEConfig(router="switch", num_experts=E, top_k=1, dropless=True, dispatch=dispatch)
-    layer = MoEFeedForward(cfg, D, FF).to(device)
+    layer = MoEFeedForward(cfg, D, FF, router=Router(cfg, D)).to(device)
     with torch.no_grad():
         if routing == "skewed":
             x = skewed_inputs(layer, tokens, 0.55, device)

@@ -57,10 +57,10 @@ def measure(fn) -> int:
 
 def write_checkpoint(out: Path, d_model: int, layers: int, experts: int) -> Path:
     from omni_ds import dist
-    from omni_ds.config import from_dict
-    from omni_ds.engine import build_engine
-    from omni_ds.experiment import ExperimentConfig
-    from omni_ds.model import build_model
+    from omni_ds.config.experiment import ExperimentConfig
+    from omni_ds.config.loading import from_dict
+    from omni_ds.model.encoder import build_model
+    from omni_ds.train.engine import build_engine
 
     model = {"vocab_size": 64, "d_model": d_model, "n_layers": layers, "n_heads": 4,
              "d_ff": 4 * d_model, "frontend": {"n_mels": 16},
@@ -88,7 +88,7 @@ def child(mode: str, src: str, out: str) -> None:
         held = []
         peak = measure(lambda: held.extend(torch.load(f, weights_only=False) for f in shards))
     else:
-        from omni_ds.reshard import reshard
+        from omni_ds.ckpt.reshard import reshard
 
         world, ep = map(int, mode.split("x"))
         peak = measure(lambda: reshard(src, out, world_size=world, ep_size=ep))

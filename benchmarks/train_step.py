@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omni_ds import dist  # noqa: E402
-from omni_ds.config import load_config  # noqa: E402
-from omni_ds.engine import build_engine, read_ds_config  # noqa: E402
-from omni_ds.metrics import peak_tflops, step_flops  # noqa: E402
-from omni_ds.model import build_model  # noqa: E402
+from omni_ds.config.checks import read_ds_config  # noqa: E402
+from omni_ds.config.experiment import load_config  # noqa: E402
+from omni_ds.model.encoder import build_model  # noqa: E402
+from omni_ds.train.engine import build_engine  # noqa: E402
+from omni_ds.train.metrics import peak_tflops, step_flops  # noqa: E402
 
 
 def synthetic_batches(n: int, batch: int, seconds: float, vocab: int, device) -> list[dict]:

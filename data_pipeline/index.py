@@ -24,7 +24,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from data_pipeline.audio import MIN_SAMPLE_RATE, AudioError, header
+from data_pipeline.audio import MIN_SAMPLE_RATE, SAMPLE_RATE, AudioError, header
 
 INDEX_FILE = "index.json"
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "opus")  # what soundfile (libsndfile) decodes
@@ -104,7 +104,7 @@ def scan_shard(path: Path) -> dict:
 
 def write_index(directory: Path, shards: list[dict]) -> Path:
     """Write ``DIR/index.json`` for ``shards`` (as :func:`scan_shard` returns them)."""
-    index = {"version": 1, "sample_rate": 16000, "shards": shards}
+    index = {"version": 1, "sample_rate": SAMPLE_RATE, "shards": shards}
     path = directory / INDEX_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(index, separators=(",", ":")))

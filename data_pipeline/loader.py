@@ -39,7 +39,7 @@ from data_pipeline.index import load_index
 from data_pipeline.plan import Catalog, apply_filters, plan_epoch, share_of_rank
 from data_pipeline.reader import ERROR_REASONS, BatchReader
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class DataError(RuntimeError):
@@ -198,6 +198,10 @@ class SpeechLoader:
                 prefetch_factor=self.cfg.prefetch_factor,
                 worker_init_fn=_ignore_stop_signals,
                 multiprocessing_context=_WORKER_CONTEXT,
+                # The workers' base seed comes from a private generator: starting an epoch never
+                # draws from the trainer's global RNG (dropout, SpecAugment, CAPE), so a resumed
+                # run draws exactly what the uninterrupted run drew.
+                generator=torch.Generator().manual_seed(self.seed),
             )
         )
         _LIVE.add(it)
@@ -231,14 +235,19 @@ class SpeechLoader:
             "epoch": self.epoch,
             "segments": [list(s) for s in self._segments],
             "counted": self._counted,
-            "skipped": dict(self._skipped),
-            "shard_errors": dict(self._shard_errors),
-            "read": self._read,
+            # This rank's own counts: a reshard sums them onto one rank (omni_ds.ckpt.rank_state).
+            "tallies": {
+                "skipped": dict(self._skipped),
+                "shard_errors": dict(self._shard_errors),
+                "read": self._read,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last batch yielded when ``state`` was taken, on this world size."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") == 1:  # the counts were top-level keys
+            state = {**state, "tallies": {k: state[k] for k in ("skipped", "shard_errors", "read")}}
+        elif state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown loader state version {state.get('version')!r}")
         if state["seed"] != self.seed:
             raise ValueError(
@@ -254,6 +263,7 @@ class SpeechLoader:
             segments.append([self.world_size, 0])
         self._segments = segments
         self._counted = state["counted"]
-        self._skipped = Counter(state["skipped"])
-        self._shard_errors = Counter(state["shard_errors"])
-        self._read = state["read"]
+        tallies = state["tallies"]
+        self._skipped = Counter(tallies["skipped"])
+        self._shard_errors = Counter(tallies["shard_errors"])
+        self._read = tallies["read"]

@@ -69,7 +69,7 @@ def run_task(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omni_ds.commands.make_shards import byte_size
+    from omni_ds.cli.make_shards import byte_size
 
     parser = argparse.ArgumentParser(prog="python -m omni_ds.shard_array", description=__doc__)
     parser.add_argument("input", metavar="INPUT", help="manifest, LibriSpeech tree or Kaldi dir")

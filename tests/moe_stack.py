@@ -1,7 +1,8 @@
 """A small stack of pre-LN MoE feed-forward blocks: the MoE tests' stand-in for the encoder.
 
-It wires the router the way the encoder does: ``make_router`` once, registered before the layers
-(so the canonical parameter name is ``router.wg.weight``), then the same object in every block.
+It wires the routers the way the encoder does: for omni one ``Router``, registered before the
+layers (so the canonical parameter name is ``router.wg.weight``), then the same object in every
+block; for switch one per block.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_ds.moe import FeedForward, MoEConfig, MoEFeedForward, make_router
+from omni_ds.config.model import MoEConfig
+from omni_ds.model.moe import FeedForward, MoEFeedForward
+from omni_ds.model.router import Router
 
 
 class MoEStack(nn.Module):
@@ -33,14 +36,15 @@ class MoEStack(nn.Module):
         self.cfg = cfg
         self.checkpoint = checkpoint
         self.dims = dict(d_in=d_in, d_model=d_model, d_ff=d_ff, layers=layers, classes=classes)
-        self.router = make_router(cfg, d_model)
+        self.router = Router(cfg, d_model) if cfg.router == "omni" else None
         self.proj = nn.Linear(d_in, d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(layers))
         if cfg.router == "dense":
             self.ffns = nn.ModuleList(FeedForward(d_model, d_ff) for _ in range(layers))
         else:
             self.ffns = nn.ModuleList(
-                MoEFeedForward(cfg, d_model, d_ff, router=self.router) for _ in range(layers)
+                MoEFeedForward(cfg, d_model, d_ff, router=self.router or Router(cfg, d_model))
+                for _ in range(layers)
             )
         self.head = nn.Linear(d_model, classes)
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from omni_ds.analysis import (
+from omni_ds.eval.analysis import (
     RoutingCollector,
     agreement_matrix,
     entropy_bits,
     mean_offdiagonal,
     normalized_mutual_info,
 )
-from omni_ds.analysis_plots import save_plots
+from omni_ds.eval.plots import save_plots
 
 
 def fake_stats(choices: np.ndarray, entropy: float = 1.0):
@@ -123,9 +123,10 @@ def test_plots_are_written_and_show_the_data(tmp_path):
 
 
 def test_collector_on_the_real_encoder_and_random_routing():
-    from omni_ds.analysis import set_random_routing
-    from omni_ds.config import from_dict
-    from omni_ds.model import ModelConfig, build_model
+    from omni_ds.config.loading import from_dict
+    from omni_ds.config.model import ModelConfig
+    from omni_ds.eval.analysis import set_random_routing
+    from omni_ds.model.encoder import build_model
 
     cfg = from_dict(
         ModelConfig,

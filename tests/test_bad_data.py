@@ -19,8 +19,8 @@ from data_pipeline.index import index_directory
 from data_pipeline.loader import DataError, SpeechLoader
 from data_pipeline.synth import splits, utterance
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from omni_ds.model import ModelConfig, build_model
-from omni_ds.moe import MoEConfig
+from omni_ds.config.model import ModelConfig, MoEConfig
+from omni_ds.model.encoder import build_model
 
 SPLIT = splits(120)[0]
 

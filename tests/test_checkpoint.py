@@ -11,8 +11,8 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.checkpoint import MANIFEST, complete_checkpoints, latest_checkpoint, tag_of
-from omni_ds.train_config import CheckpointConfig
+from omni_ds.ckpt.saver import MANIFEST, complete_checkpoints, latest_checkpoint, tag_of
+from omni_ds.config.train import CheckpointConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ def run_steps(run_dir: str, ep_size: int, steps: int, resume: str | None) -> dic
     from tiny_moe import TinyMoE, batch
 
     from omni_ds import dist
-    from omni_ds.checkpoint import Checkpointer
-    from omni_ds.engine import build_engine
+    from omni_ds.ckpt.saver import Checkpointer
+    from omni_ds.train.engine import build_engine
 
     info = dist.init_distributed()
     dist.seed_everything(0, info.rank)
@@ -85,8 +85,8 @@ def load_on_one_rank(path: str) -> dict:
     from tiny_moe import TinyMoE
 
     from omni_ds import dist
-    from omni_ds.checkpoint import Checkpointer
-    from omni_ds.engine import build_engine
+    from omni_ds.ckpt.saver import Checkpointer
+    from omni_ds.train.engine import build_engine
 
     dist.init_distributed()
     ds = json.loads((REPO / "ds_configs" / "zero1_fp32.json").read_text())
@@ -130,7 +130,8 @@ def test_a_partial_checkpoint_is_never_picked(tmp_path):
 
 
 def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
-    from omni_ds.checkpoint import Checkpointer, CheckpointError
+    from omni_ds.ckpt.saver import Checkpointer
+    from omni_ds.errors import CheckpointError
 
     _fake_checkpoint(tmp_path / "checkpoints", 2, complete=True)
     ckpt = Checkpointer(None, tmp_path, CheckpointConfig(), ep_size=1)
@@ -142,7 +143,7 @@ def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
 
 
 def test_save_policy_by_steps_and_by_minutes(tmp_path):
-    from omni_ds.checkpoint import Checkpointer
+    from omni_ds.ckpt.saver import Checkpointer
 
     by_steps = Checkpointer(None, tmp_path, CheckpointConfig(every_steps=5), ep_size=1)
     assert [s for s in range(1, 16) if by_steps.due(s)] == [5, 10, 15]

@@ -8,7 +8,8 @@ from typing import Literal
 
 import pytest
 
-from omni_ds.config import ConfigError, apply_overrides, from_dict, to_dict
+from omni_ds.config.loading import apply_overrides, from_dict, to_dict
+from omni_ds.errors import ConfigError
 
 
 @dataclasses.dataclass(kw_only=True)

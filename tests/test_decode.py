@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_ds.decode import ctc_beam_search, ctc_greedy, prefix_beam_search
+from omni_ds.model.decode import ctc_beam_search, ctc_greedy, prefix_beam_search
 
 
 def collapse(path, blank):

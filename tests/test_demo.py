@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from omni_ds.demo import ROUTERS, TEST_SETS, Stage, StageFailed, _finished, run_stage
-from omni_ds.demo_report import verdicts, wer_findings
+from omni_ds.demo.report import verdicts, wer_findings
+from omni_ds.demo.stages import ROUTERS, TEST_SETS, Stage, StageFailed, _finished, run_stage
 from omni_ds.eval.wer import EvalReport, SetScore
 
 REPO = Path(__file__).resolve().parents[1]

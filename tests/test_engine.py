@@ -50,7 +50,7 @@ def train_configs(names: tuple[str, ...], steps: int) -> dict[str, tuple[float, 
     from tiny_moe import batch
 
     from omni_ds import dist
-    from omni_ds.engine import build_engine
+    from omni_ds.train.engine import build_engine
 
     info = dist.init_distributed()
     results = {}
@@ -90,8 +90,8 @@ def grad_norms(stages: tuple[int, ...]) -> dict[tuple[int, int], list[float]]:
     from tiny_moe import batch
 
     from omni_ds import dist
-    from omni_ds.engine import build_engine
-    from omni_ds.metrics import expert_parallel_grad_norm
+    from omni_ds.train.engine import build_engine
+    from omni_ds.train.metrics import expert_parallel_grad_norm
 
     info = dist.init_distributed()
     norms = {}

@@ -53,11 +53,11 @@ def waves(ids: list[list[int]]) -> list[np.ndarray]:
 def train_tiny(ckpt_dir: str, ids: list[list[int]]) -> list[list[int]]:
     """Rank worker: save step_0, overfit the 8 sentences (4 per rank), save, decode all 8 live."""
     from omni_ds import dist
-    from omni_ds.config import load_config
-    from omni_ds.decode import ctc_greedy
-    from omni_ds.engine import build_engine
+    from omni_ds.config.experiment import load_config
     from omni_ds.eval.inference import pad_batch
-    from omni_ds.model import build_model
+    from omni_ds.model.decode import ctc_greedy
+    from omni_ds.model.encoder import build_model
+    from omni_ds.train.engine import build_engine
 
     with dist.distributed() as info:
         torch.manual_seed(0)
@@ -118,7 +118,8 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     import sentencepiece as spm
     import yaml
 
-    from omni_ds.config import load_config, to_dict
+    from omni_ds.config.experiment import load_config
+    from omni_ds.config.loading import to_dict
 
     sp_model = train_tokenizer(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
@@ -187,7 +188,7 @@ def test_export_of_an_omni_ds_train_run_scores_like_its_dev_eval(tmp_path, capsy
     from harness import run_command
 
     from data_pipeline.synth import generate
-    from omni_ds.metrics import read_metrics
+    from omni_ds.train.metrics import read_metrics
 
     corpus, run = tmp_path / "corpus", tmp_path / "run"
     generate(corpus, train_utterances=120, shard_size=60, vocab_size=64, workers=1, progress=False)

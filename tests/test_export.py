@@ -9,15 +9,16 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.config import from_dict
-from omni_ds.consolidate import CheckpointError, consolidate, resolve_tag_dir
+from omni_ds.ckpt.consolidate import consolidate, resolve_tag_dir
+from omni_ds.config.loading import from_dict
+from omni_ds.errors import CheckpointError
 
 VOCAB = 12
 AUDIO_S = 16000  # 1 s -> 25 frames of 40 ms
 
 
 def tiny_experiment(ep_size: int, router: str = "omni"):
-    from omni_ds.experiment import ExperimentConfig
+    from omni_ds.config.experiment import ExperimentConfig
 
     model = {
         "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
@@ -41,9 +42,9 @@ def train_save_decode(ckpt_dir: str, bf16: bool) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from omni_ds import dist
-    from omni_ds.decode import ctc_greedy
-    from omni_ds.engine import build_engine
-    from omni_ds.model import build_model
+    from omni_ds.model.decode import ctc_greedy
+    from omni_ds.model.encoder import build_model
+    from omni_ds.train.engine import build_engine
 
     with dist.distributed() as info:
         torch.manual_seed(0)
@@ -110,9 +111,9 @@ def to_global(rank_masters: list[dict], experts_per_rank: int) -> dict:
 def test_exported_model_decodes_like_the_live_model(tmp_path):
     from safetensors import safe_open
 
-    from omni_ds.decode import ctc_greedy
-    from omni_ds.export import export_checkpoint
-    from omni_ds.model_dir import load_model_dir, read_weights
+    from omni_ds.ckpt.export import export_checkpoint
+    from omni_ds.ckpt.model_dir import load_model_dir, read_weights
+    from omni_ds.model.decode import ctc_greedy
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -123,7 +124,7 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
 
     import yaml
 
-    from omni_ds.config import to_dict
+    from omni_ds.config.loading import to_dict
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(tiny_experiment(ep_size=2))))
     model_dir = export_checkpoint(

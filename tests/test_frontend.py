@@ -8,13 +8,12 @@ import pytest
 import torch
 from synth_speech import speech_like
 
-from omni_ds.config import ConfigError
-from omni_ds.frontend import (
+from omni_ds.config.model import FrontendConfig, SpecAugmentConfig
+from omni_ds.errors import ConfigError
+from omni_ds.model.frontend import (
     LOG_FLOOR,
     Frontend,
-    FrontendConfig,
     LogMel,
-    SpecAugmentConfig,
     mel_filterbank,
     normalize_utterance,
     num_frames,

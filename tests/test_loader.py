@@ -231,8 +231,9 @@ def test_exit_mid_epoch_is_not_held_up_by_workers(corpus):
 
 
 def test_config_errors_name_key_value_and_fix(corpus):
-    from omni_ds.config import ConfigError, from_dict
-    from omni_ds.experiment import ExperimentConfig
+    from omni_ds.config.experiment import ExperimentConfig
+    from omni_ds.config.loading import from_dict
+    from omni_ds.errors import ConfigError
 
     with pytest.raises(ValueError, match=r"data\.max_batch_seconds: 2\.0 .*max_duration"):
         DataConfig(max_batch_seconds=2.0, max_duration=5.0)

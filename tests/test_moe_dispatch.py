@@ -11,7 +11,9 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.moe import MoEConfig, MoEFeedForward
+from omni_ds.config.model import MoEConfig
+from omni_ds.model.moe import MoEFeedForward
+from omni_ds.model.router import Router
 
 E, D, F = 4, 16, 32
 CASES = [(k, dropless) for k in (1, 2) for dropless in (False, True)]
@@ -24,7 +26,7 @@ def layer(k, dropless, dispatch, ep_size=1, seed=0) -> MoEFeedForward:
         router="switch", num_experts=E, top_k=k, dropless=dropless, capacity_factor=0.7,
         ep_size=ep_size, dispatch=dispatch,
     )  # fmt: skip
-    ffn = MoEFeedForward(cfg, D, F)
+    ffn = MoEFeedForward(cfg, D, F, router=Router(cfg, D))
     for expert in ffn.experts:  # DeepSpeed deep-copies one expert: make them differ
         for p in expert.parameters():
             torch.nn.init.normal_(p, std=0.3)

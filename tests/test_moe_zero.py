@@ -14,7 +14,7 @@ import torch
 from harness import RankFailure, run_function
 from moe_stack import MoEStack, batch
 
-from omni_ds.moe import MoEConfig
+from omni_ds.config.model import MoEConfig
 
 E, STEPS = 4, 3
 LENGTHS = [[21, 14], [9, 17]]  # the two halves of each global batch (rank / micro-step)

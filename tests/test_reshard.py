@@ -25,8 +25,8 @@ import pytest
 import torch
 from harness import run_command, run_function
 
-from omni_ds.config import from_dict
-from omni_ds.consolidate import CheckpointError
+from omni_ds.config.loading import from_dict
+from omni_ds.errors import CheckpointError
 
 VOCAB = 12
 SAMPLES = 8000  # 0.5 s
@@ -37,7 +37,7 @@ LOSS_RTOL = 1e-4
 
 
 def experiment(ep_size: int):
-    from omni_ds.experiment import ExperimentConfig
+    from omni_ds.config.experiment import ExperimentConfig
 
     model = {
         "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
@@ -99,10 +99,10 @@ def train_hop(run_dir: str, ep_size: int, resume: str | None, stop: int, save_at
     import torch.distributed as tdist
 
     from omni_ds import dist
-    from omni_ds.checkpoint import Checkpointer
-    from omni_ds.engine import build_engine
-    from omni_ds.model import build_model
-    from omni_ds.train_config import CheckpointConfig
+    from omni_ds.ckpt.saver import Checkpointer
+    from omni_ds.config.train import CheckpointConfig
+    from omni_ds.model.encoder import build_model
+    from omni_ds.train.engine import build_engine
 
     with dist.distributed() as info:
         rank, world = info.env.rank, info.env.world_size
@@ -162,7 +162,7 @@ def straight(tmp_path_factory) -> dict:
 
 @pytest.mark.distributed
 def test_checkpoint_layout_is_read_like_deepspeed_reports_it(straight):
-    from omni_ds.zero_layout import ZeroCheckpoint
+    from omni_ds.ckpt.zero import ZeroCheckpoint
 
     ckpt = ZeroCheckpoint(straight["run"] / "checkpoints" / "step_2")
     assert (ckpt.world_size, ckpt.ep_size, ckpt.experts_per_rank) == (2, 2, 2)
@@ -200,9 +200,9 @@ def test_resume_chain_across_world_sizes_and_ep_sizes(straight, tmp_path):
 def test_reshard_cli_and_consolidate_give_the_live_model(straight, tmp_path):
     from safetensors.torch import load_file
 
+    from omni_ds.ckpt.zero import ZeroCheckpoint
     from omni_ds.cli import main
-    from omni_ds.model import build_model
-    from omni_ds.zero_layout import ZeroCheckpoint
+    from omni_ds.model.encoder import build_model
 
     source = straight["run"] / "checkpoints" / "step_2"
     out = tmp_path / "w1" / "checkpoints" / "step_2"
@@ -249,7 +249,7 @@ def test_inspect_reports_the_layout(straight, capsys):
     ],
 )  # fmt: skip
 def test_damaged_checkpoint_names_the_bad_file(straight, tmp_path, damage, named):
-    from omni_ds.reshard import reshard
+    from omni_ds.ckpt.reshard import reshard
 
     tag = tmp_path / "step_2"
     shutil.copytree(straight["run"] / "checkpoints" / "step_2", tag)
@@ -265,7 +265,7 @@ def test_damaged_checkpoint_names_the_bad_file(straight, tmp_path, damage, named
 
 @pytest.mark.distributed
 def test_impossible_layouts_are_refused(straight, tmp_path):
-    from omni_ds.reshard import reshard
+    from omni_ds.ckpt.reshard import reshard
 
     source = straight["run"] / "checkpoints" / "step_2"
     with pytest.raises(CheckpointError, match="ep_size 3 must divide the world size 2"):
@@ -295,8 +295,8 @@ def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
     import json
 
     from data_pipeline.synth import generate
-    from omni_ds.checkpoint import read_manifest
-    from omni_ds.metrics import read_metrics
+    from omni_ds.ckpt.saver import read_manifest
+    from omni_ds.train.metrics import read_metrics
 
     corpus = tmp_path / "corpus"
     generate(corpus, train_utterances=120, shard_size=60, vocab_size=64, workers=1, progress=False)
@@ -328,12 +328,12 @@ def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
 
 
 def test_client_state_is_dealt_to_the_new_ranks():
-    from omni_ds.checkpoint import rng_state, set_rng_state
-    from omni_ds.reshard import reshard_client_state
+    from omni_ds.ckpt.reshard import reshard_client_state
+    from omni_ds.ckpt.saver import rng_state, set_rng_state
 
     def data(rank):
-        return {"counters": {"step": 6, "samples": 10 + rank, "audio_seconds": 1.5},
-                "loader": {"epoch": 1, "skipped": {"too_long": rank + 1}, "read": 20}}  # fmt: skip
+        return {"counters": {"step": 6, "tallies": {"samples": 10 + rank, "audio_seconds": 1.5}},
+                "loader": {"epoch": 1, "tallies": {"skipped": {"too_long": rank + 1}, "read": 20}}}  # fmt: skip
 
     old = {"omni_ds": {"step": 6, "world_size": 2, "ep_size": 2, "rng": [rng_state()] * 2,
                        "data": [data(0), data(1)]}, "other": 1}  # fmt: skip
@@ -341,10 +341,10 @@ def test_client_state_is_dealt_to_the_new_ranks():
     assert (new["world_size"], new["ep_size"], len(new["rng"]), len(new["data"])) == (3, 1, 3, 3)
     assert new["rng"][:2] == old["omni_ds"]["rng"]
     set_rng_state(new["rng"][2])  # a valid state for the new rank
-    assert new["data"][0] == {"counters": {"step": 6, "samples": 21, "audio_seconds": 3.0},
-                              "loader": {"epoch": 1, "skipped": {"too_long": 3}, "read": 40}}  # fmt: skip
-    assert new["data"][2] == {"counters": {"step": 6, "samples": 0, "audio_seconds": 0.0},
-                              "loader": {"epoch": 1, "skipped": {}, "read": 0}}  # fmt: skip
+    assert new["data"][0] == {"counters": {"step": 6, "tallies": {"samples": 21, "audio_seconds": 3.0}},
+                              "loader": {"epoch": 1, "tallies": {"skipped": {"too_long": 3}, "read": 40}}}  # fmt: skip
+    assert new["data"][2] == {"counters": {"step": 6, "tallies": {"samples": 0, "audio_seconds": 0.0}},
+                              "loader": {"epoch": 1, "tallies": {"skipped": {}, "read": 0}}}  # fmt: skip
 
 
 def test_expert_groups_are_split_like_deepspeed_splits_them():
@@ -352,7 +352,7 @@ def test_expert_groups_are_split_like_deepspeed_splits_them():
     with ep_size 1 has several); the plan must cut at the same parameters."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from omni_ds.zero_layout import plan_groups
+    from omni_ds.ckpt.zero import plan_groups
 
     numels = [50, 7, 30, 30, 12, 60, 1, 45]
     params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]

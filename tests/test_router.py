@@ -9,9 +9,10 @@ import torch
 from deepspeed.moe.layer import MoE
 from moe_stack import MoEStack, batch, untie
 
-from omni_ds.config import ConfigError
-from omni_ds.moe import FeedForward, MoEConfig, MoEFeedForward
-from omni_ds.router import OmniRouter
+from omni_ds.config.model import MoEConfig
+from omni_ds.errors import ConfigError
+from omni_ds.model.moe import FeedForward, MoEFeedForward
+from omni_ds.model.router import Router
 
 E, D, L = 4, 16, 3
 
@@ -19,6 +20,11 @@ E, D, L = 4, 16, 3
 def cfg(**kw) -> MoEConfig:
     base = dict(num_experts=E, balance_loss_weight=0.1, z_loss_weight=0.01)
     return MoEConfig(**{**base, **kw})
+
+
+def switch_layer(c: MoEConfig, d_model: int, d_ff: int) -> MoEFeedForward:
+    """One MoE layer with its own router, as the encoder builds it for ``router: switch``."""
+    return MoEFeedForward(c, d_model, d_ff, router=Router(c, d_model))
 
 
 def router_params(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -52,7 +58,7 @@ def test_shared_gradient_is_the_sum_of_per_layer_contributions(k):
 def _stock_pair(k: int, dropless: bool, dispatch: str):
     """Our switch layer and a stock DeepSpeed MoE layer holding the same weights."""
     c = cfg(router="switch", top_k=k, dropless=dropless, capacity_factor=0.5, dispatch=dispatch)
-    ours = MoEFeedForward(c, D, 32)
+    ours = switch_layer(c, D, 32)
     stock = MoE(
         D, FeedForward(D, 32), num_experts=E, k=k, capacity_factor=0.5,
         min_capacity=c.min_capacity, drop_tokens=not dropless, use_rts=False,
@@ -118,7 +124,7 @@ def test_stock_used_token_is_not_padding_invariant():
 
 def test_stats_follow_real_frames_in_row_major_order():
     torch.manual_seed(6)
-    layer = MoEFeedForward(cfg(router="switch", top_k=2), D, 32)
+    layer = switch_layer(cfg(router="switch", top_k=2), D, 32)
     x = torch.randn(2, 7, D)
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[0, 5:] = True
@@ -133,7 +139,7 @@ def test_stats_follow_real_frames_in_row_major_order():
 
 def test_random_routing_ablation_is_eval_only_and_changes_experts():
     torch.manual_seed(7)
-    layer = MoEFeedForward(cfg(router="switch", dropless=True), D, 32)
+    layer = switch_layer(cfg(router="switch", dropless=True), D, 32)
     x = torch.randn(4, 50, D)
     with pytest.raises(RuntimeError, match="eval-only"):
         layer.random_routing = True
@@ -153,7 +159,7 @@ def test_random_routing_ablation_is_eval_only_and_changes_experts():
 def test_noise_only_in_training_and_jitter_changes_routing_weights():
     torch.manual_seed(8)
     c = cfg(router="switch", top_k=2, jitter=0.2, use_rts=True, second_expert_sampling=True)
-    layer = MoEFeedForward(c, D, 32)
+    layer = switch_layer(c, D, 32)
     x = torch.randn(64, D)
     a, b = layer.router.route(x), layer.router.route(x)
     assert not torch.equal(a.weight, b.weight)
@@ -182,7 +188,7 @@ def test_router_bias_is_shared_too():
 
 
 def test_set_ep_group_accepts_the_same_group_again_but_not_another():
-    router = OmniRouter(cfg(), D)
+    router = Router(cfg(), D)
     group, other = object(), object()
     router._set_ep_group(group)
     router._set_ep_group(group)  # the engine calls it once per MoE layer
@@ -197,16 +203,14 @@ def test_config_errors_name_key_value_and_fix():
         cfg(ep_size=3)
     with pytest.raises(ConfigError, match="moe.router = 'mixed'"):
         cfg(router="mixed")
-    with pytest.raises(ValueError, match="shared router"):
-        MoEFeedForward(cfg(router="omni"), D, 32)
     assert dataclasses.replace(cfg(), jitter=0.1).jitter == 0.1
 
 
 def test_experts_start_different_but_reproducibly():
     torch.manual_seed(12)
-    a = MoEFeedForward(cfg(router="switch"), D, 32)
+    a = switch_layer(cfg(router="switch"), D, 32)
     torch.manual_seed(12)
-    b = MoEFeedForward(cfg(router="switch"), D, 32)
+    b = switch_layer(cfg(router="switch"), D, 32)
     weights = [e.fc1.weight for e in a.experts]
     assert all(not torch.equal(weights[0], w) for w in weights[1:])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -216,7 +220,7 @@ def test_experts_start_different_but_reproducibly():
 @pytest.mark.parametrize("k", [1, 2])
 def test_fewer_real_frames_than_min_capacity_and_none_at_all(k, dispatch):
     # DeepSpeed's top-1 gating asserts frames >= min_capacity; a short utterance must just work.
-    layer = MoEFeedForward(cfg(router="switch", top_k=k, dispatch=dispatch, min_capacity=8), D, 32)
+    layer = switch_layer(cfg(router="switch", top_k=k, dispatch=dispatch, min_capacity=8), D, 32)
     x = torch.randn(2, 5, D, requires_grad=True)
     pad = torch.ones(2, 5, dtype=torch.bool)
     pad[0, :3] = False

@@ -16,9 +16,9 @@ import pytest
 import torch
 from harness import run_command, start_command
 
-from omni_ds.checkpoint import MANIFEST, latest_checkpoint
-from omni_ds.metrics import read_metrics
-from omni_ds.train import EXIT_REQUEUE
+from omni_ds.ckpt.saver import MANIFEST, latest_checkpoint
+from omni_ds.train.metrics import read_metrics
+from omni_ds.train.trainer import EXIT_REQUEUE
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from omni_ds.decode import ctc_beam_search, ctc_greedy
+from omni_ds.model.decode import ctc_beam_search, ctc_greedy
 
 
 def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,124 @@
+"""A self-contained model directory: what ``omni-ds export`` writes and inference loads.
+
+    MODEL_DIR/model.safetensors   fp32 weights; tied tensors (the Omni router) stored once
+    MODEL_DIR/config.yaml         the resolved experiment config the model was trained with
+    MODEL_DIR/tokenizer.model     the SentencePiece model that maps token ids to text
+
+``model.safetensors`` metadata: ``format`` = ``omni-ds``, ``tied`` (JSON: alias key -> stored
+key, e.g. every MoE layer's gate weight -> ``router.*``), ``source`` (the checkpoint),
+``global_steps`` and ``fp32_masters`` (``true`` when the weights are DeepSpeed's fp32 values).
+
+:func:`load_model_dir` rebuilds the encoder with ``ep_size=1`` (one process holds every expert),
+loads the weights strictly (every key but the tied aliases must be present, nothing extra), and
+puts it in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from omni_ds.config.experiment import ExperimentConfig
+from omni_ds.config.loading import from_dict, to_dict
+from omni_ds.config.model import ModelConfig
+from omni_ds.model import build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    """The encoder (``SpeechEncoder``) in eval mode, ``ep_size=1``."""
+    config: ExperimentConfig
+    """The experiment config from ``config.yaml``."""
+    model_dir: Path
+    metadata: dict[str, str]
+
+    @functools.cached_property
+    def tokenizer(self):
+        """``data_pipeline.tokenizer.Tokenizer`` of ``tokenizer.model`` (loaded on first use)."""
+        from data_pipeline.tokenizer import Tokenizer
+
+        return Tokenizer(str(self.model_dir / TOKENIZER))
+
+
+def save_model_dir(
+    out: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    tied: dict[str, str],
+    config: ExperimentConfig,
+    tokenizer_model: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the three files; ``state_dict`` holds each tied tensor once (under ``tied``'s values)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = sorted(set(tied.values()) - set(state_dict))
+    if missing or set(tied) & set(state_dict):
+        raise ValueError(f"tied keys must be stored once under their canonical name; got {missing}")
+    tensors = {
+        k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+        for k, v in state_dict.items()
+    }
+    meta = {"format": "omni-ds", "tied": json.dumps(tied, sort_keys=True), **(metadata or {})}
+    save_file(tensors, str(out / WEIGHTS), metadata=meta)
+    (out / CONFIG).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    shutil.copyfile(tokenizer_model, out / TOKENIZER)
+    return out
+
+
+def read_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of ``model.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir) / WEIGHTS), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def inference_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The model config with every expert in one process (``moe.ep_size = 1``)."""
+    return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, ep_size=1))
+
+
+def load_state_dict_tied(model: torch.nn.Module, tensors: dict, tied: dict[str, str]) -> None:
+    """Strict loading, except that tied aliases may be absent (they share the stored tensor)."""
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - set(tied)
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"weights do not fit the model built from config.yaml: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
+    state = model.state_dict()
+    for alias, canonical in tied.items():
+        if alias in state and state[alias].data_ptr() != state[canonical].data_ptr():
+            raise ValueError(
+                f"{alias} should share {canonical}'s tensor in this model but does not"
+            )
+
+
+def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The encoder, config and tokenizer of an exported model directory."""
+    model_dir = Path(model_dir)
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{model_dir / name} is missing; MODEL_DIR must be written by omni-ds export"
+            )
+    config = from_dict(ExperimentConfig, yaml.safe_load((model_dir / CONFIG).read_text()))
+    model = build_model(inference_model_config(config.model))
+    tensors, metadata = read_weights(model_dir)
+    load_state_dict_tied(model, tensors, json.loads(metadata.get("tied", "{}")))
+    model.to(device).eval()
+    return LoadedModel(model, config, model_dir, metadata)

@@ -1,0 +1,50 @@
+"""Train an experiment with DeepSpeed: omni-ds train CONFIG.yaml [--set key=value ...].
+
+Checks the config first (as ``omni-ds check-config`` does, for this launch's world size), then
+trains; launch one process per GPU (on a CPU-only host the processes use gloo):
+
+    torchrun --nproc_per_node 2 -m omni_ds.cli train CONFIG.yaml
+    deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train CONFIG.yaml
+    srun --ntasks-per-node 2 omni-ds train CONFIG.yaml
+
+The run directory (``train.run_dir``) receives the resolved ``config.yaml``, ``metrics.jsonl``,
+``tensorboard/`` and ``checkpoints/``.
+
+Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
+the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems;
+1 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from omni_ds.cli.options import add_overrides_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    add_overrides_argument(parser)
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|none|PATH",
+        help="auto: continue from the run dir's latest complete checkpoint (the default, "
+        "checkpoint.resume in the YAML); none: start fresh; PATH: a checkpoint directory",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from omni_ds.errors import CheckpointError, ConfigError
+    from omni_ds.train.trainer import main
+
+    try:
+        return main(args.config, args.overrides, args.resume)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"cannot resume: {e}", file=sys.stderr)
+        return 1

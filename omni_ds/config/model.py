@@ -1,0 +1,192 @@
+"""The ``model:`` section: the encoder's shape, its front end and its Mixture-of-Experts.
+
+Plain typed dataclasses (one per component, a docstring under every field, checks in
+``__post_init__``); ``omni_ds.model`` builds the encoder from them. Follow ``num_experts`` from
+here to :class:`omni_ds.model.moe.MoEFeedForward`, which hands it to DeepSpeed's ``MoE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from omni_ds.errors import ConfigError
+
+MAX_MELS = 200
+"""Mel bins a 25 ms window at 16 kHz (a 400-point FFT) can resolve: n_fft // 2."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class SpecAugmentConfig:
+    """SpecAugment (Park et al. 2019) on normalised log-mel frames; applied in training only."""
+
+    freq_masks: int = 2
+    """Frequency masks per utterance."""
+    freq_width: int = 27
+    """Maximum width of a frequency mask, in mel bins (width drawn uniformly from 0..this)."""
+    time_masks: int = 10
+    """Time masks per utterance."""
+    time_width: int = 40
+    """Maximum width of a time mask, in 10 ms frames."""
+    time_width_ratio: float = 0.05
+    """A time mask is also at most this fraction of the utterance's frames (short utterances)."""
+
+    def __post_init__(self) -> None:
+        for key in ("freq_masks", "freq_width", "time_masks", "time_width"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"specaug.{key}: {getattr(self, key)} < 0; use 0 to disable")
+        if not 0.0 <= self.time_width_ratio <= 1.0:
+            raise ConfigError(
+                f"specaug.time_width_ratio: {self.time_width_ratio} is outside [0, 1]; "
+                "use e.g. 0.05"
+            )
+
+
+@dataclasses.dataclass(kw_only=True)
+class FrontendConfig:
+    """Feature extraction and subsampling to the encoder's frame rate."""
+
+    n_mels: int = 80
+    """Mel bins of the log-mel features (25 ms Hann window, 10 ms hop, 0–8 kHz, Slaney mel)."""
+    normalize: Literal["utterance", "none"] = "utterance"
+    """``utterance``: zero mean, unit variance per mel bin over the utterance's valid frames."""
+    subsampling: Literal["stack", "conv"] = "stack"
+    """``stack``: concatenate 4 frames + linear projection (the paper's models); ``conv``: two
+    stride-2 3x3 convolutions + linear projection. Both give 40 ms frames."""
+    conv_channels: int = 256
+    """Channels of the ``conv`` subsampler."""
+    specaug: SpecAugmentConfig = dataclasses.field(default_factory=SpecAugmentConfig)
+    """SpecAugment masks (training only)."""
+
+    def __post_init__(self) -> None:
+        if self.n_mels < 1 or self.n_mels > MAX_MELS:
+            raise ConfigError(f"frontend.n_mels: {self.n_mels} is outside 1..200; use 80")
+        if self.conv_channels < 1:
+            raise ConfigError(f"frontend.conv_channels: {self.conv_channels} < 1; use e.g. 256")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MoEConfig:
+    """How the feed-forward layers are made sparse and routed."""
+
+    router: Literal["dense", "switch", "omni"] = "omni"
+    """``dense``: plain FFN; ``switch``: one router per MoE layer; ``omni``: one router shared by all."""
+    num_experts: int = 8
+    """Experts per MoE layer (every MoE layer has the same number)."""
+    top_k: int = 1
+    """Experts per frame: 1 (Switch) or 2 (GShard; the two weights are renormalised to sum to 1)."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert = ceil(k * frames / E * factor) (at least ``min_capacity``)."""
+    eval_capacity_factor: float = 2.0
+    """Capacity factor in eval mode."""
+    dropless: bool = False
+    """Never drop a frame: each expert takes every frame routed to it."""
+    min_capacity: int = 4
+    """Lower bound on the per-expert capacity when dropping."""
+    balance_loss_weight: float = 0.01
+    """Weight of the summed per-layer load-balancing losses in the total loss."""
+    z_loss_weight: float = 0.0
+    """Weight of the summed per-layer router z-losses in the total loss."""
+    jitter: float = 0.0
+    """Multiplicative jitter: router inputs scaled by U(1-jitter, 1+jitter) in training; 0 = off."""
+    ep_size: int = 1
+    """Expert-parallel group size: each rank holds num_experts / ep_size experts of every layer."""
+    dispatch: Literal["grouped", "stock"] = "grouped"
+    """``grouped``: exact per-expert counts; ``stock``: DeepSpeed's dense capacity buffer."""
+    router_bias: bool = False
+    """Give the router a bias (E values) besides its E x d weight."""
+    use_rts: bool = False
+    """Random token selection when dropping (training only): drop random frames, not late ones."""
+    second_expert_sampling: bool = False
+    """Top-2 only: sample the 2nd expert with Gumbel noise on the logits (training only)."""
+
+    def __post_init__(self):
+        def bad(key, fix):
+            raise ConfigError(f"model.moe.{key} = {getattr(self, key)!r}: {fix}")
+
+        if self.router not in ("dense", "switch", "omni"):
+            bad("router", "use dense, switch or omni")
+        if self.dispatch not in ("grouped", "stock"):
+            bad("dispatch", "use grouped or stock")
+        if self.num_experts < 1:
+            bad("num_experts", "use at least 1")
+        if self.top_k not in (1, 2):
+            bad("top_k", "use 1 or 2")
+        if self.top_k > self.num_experts:
+            bad("top_k", f"use at most num_experts ({self.num_experts})")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            bad("ep_size", f"use a divisor of num_experts ({self.num_experts})")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, key) <= 0:
+                bad(key, "use a positive factor (or dropless: true)")
+        for key in ("min_capacity", "balance_loss_weight", "z_loss_weight"):
+            if getattr(self, key) < 0:
+                bad(key, "use a value >= 0")
+        if not 0 <= self.jitter < 1:
+            bad("jitter", "use a value in [0, 1)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the encoder; ``moe`` picks the router mode and the experts."""
+
+    vocab_size: int = 256
+    """SentencePiece vocabulary size V; the CTC head has V+1 outputs, blank = V."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 6
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads (d_model must be divisible by it)."""
+    d_ff: int = 1024
+    """Hidden width of each FFN and of each expert."""
+    dropout: float = 0.1
+    """Dropout on attention weights, the attention output and inside the FFNs/experts."""
+    moe_every: int = 1
+    """1: every block's FFN is MoE; 2: every second block's (blocks 1, 3, 5, ...)."""
+    position: Literal["sinusoidal", "cape"] = "cape"
+    """``sinusoidal`` absolute positions, or CAPE: sinusoids of positions centred on each
+    utterance's middle and, in training, randomly shifted and scaled (Likhomanenko et al. 2021)."""
+    cape_global_shift: float = 30.0
+    """CAPE: each utterance's positions shift by U(-this, this) frames in training."""
+    cape_local_shift: float = 0.5
+    """CAPE: each position shifts by U(-this, this) frames in training (≤ 0.5 keeps the order)."""
+    cape_global_scaling: float = 1.1
+    """CAPE: positions scale by exp(U(-ln this, ln this)) per utterance in training (1 = off)."""
+    frontend: FrontendConfig = dataclasses.field(default_factory=FrontendConfig)
+    """Log-mel features, normalisation, SpecAugment and subsampling."""
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    """Router mode, experts, capacity and auxiliary-loss weights."""
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}: {getattr(self, key)} must be at least 1")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"model.n_heads: d_model {self.d_model} / n_heads {self.n_heads} must be an even "
+                "integer; pick n_heads so that d_model = n_heads × an even head size"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} is outside [0, 1); use e.g. 0.1")
+        if self.moe_every not in (1, 2):
+            raise ConfigError(f"model.moe_every: {self.moe_every} is not allowed; use 1 or 2")
+        if self.moe.router != "dense" and self.n_layers < self.moe_every:
+            raise ConfigError(
+                f"model.n_layers: {self.n_layers} block with moe_every {self.moe_every} has no "
+                "MoE layer; add layers, set moe_every: 1, or use router: dense"
+            )
+        if not 0.0 <= self.cape_local_shift <= 0.5:
+            raise ConfigError(
+                f"model.cape_local_shift: {self.cape_local_shift} is outside [0, 0.5]; larger "
+                "shifts can swap neighbouring frames"
+            )
+        if self.cape_global_shift < 0 or self.cape_global_scaling < 1.0:
+            raise ConfigError(
+                "model.cape_global_shift must be ≥ 0 and model.cape_global_scaling ≥ 1, got "
+                f"{self.cape_global_shift} and {self.cape_global_scaling}"
+            )
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe.router != "dense" and (index + 1) % self.moe_every == 0

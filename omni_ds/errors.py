@@ -1,0 +1,18 @@
+"""The errors a user acts on; each message names what is wrong and the fix.
+
+``omni-ds`` commands print these as one line and exit 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+from data_pipeline.loader import DataError
+
+__all__ = ["CheckpointError", "ConfigError", "DataError"]
+
+
+class ConfigError(ValueError):
+    """A config value a user must change; the message names the key, the value and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, resumed or resharded; the message says why and what to do."""

@@ -1,0 +1,11 @@
+"""Training: the :class:`~omni_ds.train.trainer.Trainer` and the small components it owns.
+
+| module | holds |
+| --- | --- |
+| ``trainer`` | ``Trainer``: resume → loop {step, log, maybe dev eval, maybe save}; ``omni-ds train`` |
+| ``engine`` | the DeepSpeed engine with MoE parameter groups, monitors pointed into the run dir |
+| ``data`` | the ``data:`` section turned into this rank's train and dev loaders |
+| ``dev_eval`` | dev loss and WER during training |
+| ``metrics`` | ``metrics.jsonl``, DeepSpeed monitors, throughput, MFU, the expert-parallel grad norm |
+| ``signals`` | SIGUSR1/SIGTERM → checkpoint at the next step, exit 75 |
+"""

@@ -1,0 +1,148 @@
+"""Training metrics: one JSON line per logged step, the same numbers to DeepSpeed's monitors
+(TensorBoard, CSV, W&B as the DeepSpeed JSON enables them), and a tqdm bar on rank 0.
+
+Throughput and MFU: a step's model FLOPs are estimated nanoGPT-style on *real* (non-pad) encoder
+frames, ``6 × active parameters`` per frame (forward + backward, only the top_k experts a frame
+uses) plus ``12 × layers × d_model × T`` per frame for attention scores over an utterance of T
+frames; the front end is left out. MFU divides the achieved rate by the device's peak dense rate
+(``train.peak_tflops``, a table of GPUs, or a matmul measured once on CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+# Peak dense bf16 TFLOP/s per GPU (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
+    """The peak dense TFLOP/s of one device: configured, looked up, or measured (CPU)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return 0.0
+    # CPU: the best of a few fp32 matmuls with this process's thread count.
+    n = 512
+    g = torch.Generator().manual_seed(0)  # never the global RNG: exact resume depends on it
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def step_flops(active_params: int, n_layers: int, d_model: int, frame_lens: torch.Tensor) -> float:
+    """Training FLOPs of one batch (module docstring) from its encoder frame counts."""
+    frames = float(frame_lens.sum())
+    attention = 12.0 * n_layers * d_model * float((frame_lens.double() ** 2).sum())
+    return 6.0 * active_params * frames + attention
+
+
+def routing_summary(routing) -> dict[str, float]:
+    """Per MoE layer: routing entropy and each expert's usage fraction."""
+    out: dict[str, float] = {}
+    for layer, stats in enumerate(routing or []):
+        out[f"routing/layer{layer}/entropy"] = float(stats.entropy)
+        for e, u in enumerate(stats.usage.tolist()):
+            out[f"routing/layer{layer}/usage{e}"] = float(u)
+    return out
+
+
+def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all gradients with every expert counted once (for ZeRO stage 0, where
+    DeepSpeed reports none and its clipping norm mis-counts experts, DeepSpeed issue 8475).
+
+    Dense gradients are identical on every rank after the all-reduce; expert gradients differ
+    between the ranks of an expert-parallel group, so their squares are summed over that group.
+    """
+    from deepspeed.utils import groups
+
+    dense = torch.zeros((), dtype=torch.float64)
+    experts: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            experts[p.group_name] = experts.get(p.group_name, 0) + sq
+        else:
+            dense += sq
+    total = dense
+    for name, sq in sorted(experts.items()):
+        if tdist.is_initialized():
+            group = groups._get_expert_parallel_group(name)
+            sq = sq.clone()
+            tdist.all_reduce(sq, group=group)
+        total = total + sq
+    return float(total.sqrt())
+
+
+class JsonLines:
+    """An append-only JSON-lines file of records with a ``step``, truncatable on resume."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: after a crash they describe steps the resumed run redoes,
+        so the file keeps exactly one record per step (and kind)."""
+        self._file.close()
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsLog:
+    """Rank 0 writes ``metrics.jsonl`` and DeepSpeed monitor events; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, monitor=None, *, rank: int = 0):
+        self.monitor = monitor
+        self.lines = JsonLines(Path(run_dir) / "metrics.jsonl") if rank == 0 else None
+
+    def truncate_after(self, step: int) -> None:
+        if self.lines is not None:
+            self.lines.truncate_after(step)
+
+    def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if self.lines is None:
+            return
+        self.lines.write({"kind": kind, "step": step, **values})
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            events = [(f"{kind}/{k}", float(v), step) for k, v in values.items()]
+            self.monitor.write_events(events)
+
+    def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of ``kind`` in a run's ``metrics.jsonl``, in file order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind") == kind]
