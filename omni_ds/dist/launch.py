@@ -9,7 +9,7 @@ Every entry point calls :func:`init_distributed` once. It reads the launch envir
 | plain ``python``             | nothing                                        | rank 0 of 1 on 127.0.0.1, free port |
 
 then picks CUDA + NCCL when a GPU is visible and DeepSpeed's CPU accelerator + gloo otherwise, and
-handles the CPU traps measured in ``shared/notes/deepspeed-cpu.md`` so that no user has to:
+handles the CPU traps measured with DeepSpeed 0.19.8 so that no user has to:
 the shared-memory comm op that DeepSpeed JIT-compiles at init (~35 s, unused by training) is not
 built; ranks sharing a host split its cores instead of oversubscribing them; and
 :func:`shutdown` ends every successful run with ``barrier()`` + ``destroy_process_group()``, without
