@@ -59,6 +59,23 @@ def read_file(path: str, start: float = 0.0, duration: float | None = None) -> n
     return to_int16_16k(audio, rate)
 
 
+def read_float(path: str, start: float = 0.0, duration: float | None = None) -> np.ndarray:
+    """:func:`read_file` as float32 in [-1, 1): what decoding the FLAC make-shards would store
+    for this file gives back."""
+    return read_file(path, start, duration).astype(np.float32) / 32768.0
+
+
+def file_seconds(path: str, start: float = 0.0, duration: float | None = None) -> float:
+    """Seconds of audio :func:`read_file` would return, from the header alone."""
+    if duration is not None:
+        return duration
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError("unreadable_audio", f"{path}: {e}") from e
+    return info.frames / info.samplerate - start
+
+
 def encode_flac(pcm: np.ndarray) -> bytes:
     """16 kHz mono int16 -> FLAC bytes (deterministic: no timestamps)."""
     buf = io.BytesIO()

@@ -25,7 +25,9 @@ class DataConfig:
     dev: dict[str, Path] = dataclasses.field(
         default_factory=lambda: {"dev": Path("data/synth/dev")}
     )
-    """Dev sets by name (shard directories), read unfiltered and unshuffled."""
+    """Dev sets by name (shard directories, or any input ``omni-ds eval`` reads), read by
+    ``data_pipeline.ordered``: every utterance once, in order, unfiltered; batched under
+    ``max_batch_seconds``/``max_batch_size``; unusable samples skipped and counted."""
     tokenizer: Path = Path("data/synth/tokenizer.model")
     """SentencePiece model (``omni-ds train-tokenizer``); the model's ``vocab_size`` must be at
     least its size."""

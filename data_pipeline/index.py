@@ -112,8 +112,8 @@ def write_index(directory: Path, shards: list[dict]) -> Path:
     return path
 
 
-def index_directory(directory: Path, progress: bool = False) -> Path:
-    """Scan every ``*.tar`` in ``directory`` (name order) and write its index."""
+def scan_directory(directory: Path, progress: bool = False) -> list[dict]:
+    """:func:`scan_shard` of every ``*.tar`` in ``directory``, in name order; writes nothing."""
     shards = sorted(directory.glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"{directory} holds no *.tar shards")
@@ -121,7 +121,12 @@ def index_directory(directory: Path, progress: bool = False) -> Path:
         from tqdm import tqdm
 
         shards = tqdm(shards, desc=f"index {directory.name}", unit="shard")
-    return write_index(directory, [scan_shard(p) for p in shards])
+    return [scan_shard(p) for p in shards]
+
+
+def index_directory(directory: Path, progress: bool = False) -> Path:
+    """Scan every ``*.tar`` in ``directory`` (name order) and write its index."""
+    return write_index(directory, scan_directory(directory, progress))
 
 
 @dataclasses.dataclass

@@ -112,17 +112,17 @@ def filter_reasons(catalog: Catalog, cfg: DataConfig) -> np.ndarray:
     return reason
 
 
-def apply_filters(catalog: Catalog, cfg: DataConfig | None) -> tuple[np.ndarray, list[str]]:
+def apply_filters(catalog: Catalog, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
     """(kept sample ids, the reason of every filtered or index-bad sample, in index order)."""
-    reasons = [reason for _, _, reason in catalog.bad]
-    if cfg is None:
-        return np.arange(len(catalog)), reasons
     codes = filter_reasons(catalog, cfg)
+    reasons = [reason for _, _, reason in catalog.bad]
     reasons += [FILTER_REASONS[c] for c in codes[codes >= 0]]
     return np.flatnonzero(codes < 0), reasons
 
 
-def _pack(ids: list[int], seconds: np.ndarray, budget: float, max_size: int) -> list[list[int]]:
+def pack(ids, seconds: np.ndarray, budget: float, max_size: float) -> list[list[int]]:
+    """Consecutive ``ids`` into batches while longest × count stays within ``budget`` seconds
+    and count within ``max_size``; a sample longer than the budget gets a batch of its own."""
     batches: list[list[int]] = []
     longest = 0.0
     for i in ids:
@@ -160,7 +160,7 @@ def plan_segment(
     steps, buckets, carry, dropped = [], [], [], []
     for b in range(cfg.num_buckets):
         members = carry + order[bucket_of == b].tolist()
-        batches = _pack(members, seconds, cfg.max_batch_seconds, cfg.max_batch_size)
+        batches = pack(members, seconds, cfg.max_batch_seconds, cfg.max_batch_size)
         carry = []
         if b < cfg.num_buckets - 1:
             extra = len(batches) % world_size

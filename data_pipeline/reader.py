@@ -1,7 +1,9 @@
-"""Read one planned batch from the shards: fetch, decode, check, tokenise, pad.
+"""Read one planned batch: fetch, decode, check, tokenise, pad.
 
-Runs in the loader's worker processes. A sample that cannot be used is skipped and counted under
-its reason; nothing here raises on bad data:
+Runs in the worker processes of the training loader and of the ordered reader
+(``data_pipeline.ordered``). A sample that cannot be used is skipped and counted under its reason,
+or, when a batch is read ``strict`` (evaluation), stops the read with a :class:`DataError` naming
+its shard and key:
 
 | reason | what was wrong |
 | --- | --- |
@@ -16,11 +18,13 @@ its reason; nothing here raises on bad data:
 A batch whose every sample was skipped cannot simply vanish (every rank must take the same number
 of steps, and a model cannot run on zero rows), so it becomes a *filler*: one second of silence
 with an empty transcript, key ``<filler>``, counted under ``filler_batches``. Its CTC target is
-empty, so it teaches only that silence is blank.
+empty, so it teaches only that silence is blank. The ordered reader pads a rank's batch count with
+the same filler (from an empty id list, not counted as a skip), and scoring leaves fillers out.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 from collections import Counter
 
@@ -48,6 +52,11 @@ FILLER_KEY = "<filler>"
 MAX_OPEN_SHARDS = 64
 
 
+class DataError(RuntimeError):
+    """Unusable data: too much of it while training (the message names the worst shards), or
+    any sample of a set read strictly, as evaluation does (the message names its shard and key)."""
+
+
 def pad(arrays: list[np.ndarray], dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded ``[B, max(1, max_len)]`` tensor and the lengths ``[B]`` (int64)."""
     lens = np.array([len(a) for a in arrays], dtype=np.int64)
@@ -57,14 +66,97 @@ def pad(arrays: list[np.ndarray], dtype: np.dtype) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(out), torch.from_numpy(lens)
 
 
-class BatchReader:
-    """Turns lists of sample ids into batch dicts; keeps open shard files per process."""
+def collate(
+    audios: list[np.ndarray], texts: list[str], tokens: list, keys: list[str], bucket: int = -1
+) -> dict:
+    """The loader's batch dict from per-utterance float32 audio, texts and token ids."""
+    audio, audio_lens = pad(audios, np.float32)
+    token_ids, token_lens = pad([np.asarray(t, dtype=np.int64) for t in tokens], np.int64)
+    return {
+        "audio": audio,
+        "audio_lens": audio_lens,
+        "tokens": token_ids,
+        "token_lens": token_lens,
+        "keys": keys,
+        "texts": texts,
+        "bucket": bucket,
+    }
+
+
+class SampleReader(abc.ABC):
+    """Turns lists of sample ids into batch dicts; a subclass says what sample ``i`` is."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    @abc.abstractmethod
+    def key(self, i: int) -> str: ...
+
+    @abc.abstractmethod
+    def source(self, i: int) -> str:
+        """Where sample ``i`` lives (its shard, or its audio file), for error counts/messages."""
+
+    @abc.abstractmethod
+    def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
+        """(float32 16 kHz audio, text, token ids) of sample ``i``; raises AudioError(reason)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            return []
+        tokens = self.tokenizer.encode(text)
+        if not tokens:
+            raise AudioError("untokenizable", f"no tokens for {text!r}")
+        return tokens
+
+    def read_batch(self, ids: list[int], bucket: int = -1, strict: bool = False) -> dict:
+        """The batch dict of the loader contract plus ``_skipped``/``_shard_errors``/``_read``
+        (per-reason and per-shard counts, samples attempted), which the loaders strip."""
+        audios, texts, tokens, keys = [], [], [], []
+        skipped: Counter = Counter()
+        shard_errors: Counter = Counter()
+        for i in ids:
+            try:
+                audio, text, toks = self.read_sample(i)
+            except AudioError as e:
+                if strict:
+                    raise DataError(
+                        f"{self.source(i)}: sample {self.key(i)!r} is unusable ({e.reason}: {e}); "
+                        "every utterance is scored, so fix or remove it"
+                    ) from e
+                skipped[e.reason] += 1
+                shard_errors[self.source(i)] += 1
+                continue
+            audios.append(audio)
+            texts.append(text)
+            tokens.append(toks)
+            keys.append(self.key(i))
+        if not keys:
+            audios, texts, tokens = [np.zeros(SAMPLE_RATE, np.float32)], [""], [[]]
+            keys = [FILLER_KEY]
+            if ids:  # an empty id list is a rank's padding, not lost data
+                skipped["filler_batches"] += 1
+        return {
+            **collate(audios, texts, tokens, keys, bucket),
+            "_skipped": dict(skipped),
+            "_shard_errors": dict(shard_errors),
+            "_read": len(ids),
+        }
+
+
+class BatchReader(SampleReader):
+    """Samples of a :class:`Catalog`, read by byte offset; keeps open shard files per process."""
 
     def __init__(self, catalog: Catalog, tokenizer=None):
+        super().__init__(tokenizer)
         self.catalog = catalog
-        self.tokenizer = tokenizer
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+
+    def key(self, i: int) -> str:
+        return self.catalog.keys[i]
+
+    def source(self, i: int) -> str:
+        return self.catalog.shard_paths[self.catalog.shard_of[i]]
 
     def _file(self, sid: int):
         if self._pid != os.getpid():  # forked into a worker: handles are not shared
@@ -85,7 +177,6 @@ class BatchReader:
         return data
 
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
-        """(float32 16 kHz audio, text, token ids) of sample ``i``; raises AudioError(reason)."""
         sid = int(self.catalog.shard_of[i])
         audio_off, audio_size, json_off, json_size = self.catalog.members[i].tolist()
         try:
@@ -94,52 +185,29 @@ class BatchReader:
             raise AudioError("missing_shard", str(e)) from e
         meta = parse_label(self._member(f, json_off, json_size))
         audio = decode_bytes(self._member(f, audio_off, audio_size), meta.get("sample_rate"))
-        tokens = self.tokenizer.encode(meta["text"]) if self.tokenizer is not None else []
-        if self.tokenizer is not None and not tokens:
-            raise AudioError("untokenizable", f"no tokens for {meta['text']!r}")
-        return audio, meta["text"], tokens
-
-    def read_batch(self, ids: list[int], bucket: int = -1) -> dict:
-        """The batch dict of the loader contract plus ``_skipped``/``_shard_errors``/``_read``
-        (per-reason and per-shard counts, samples attempted), which the loader strips."""
-        audios, texts, tokens, keys = [], [], [], []
-        skipped: Counter = Counter()
-        shard_errors: Counter = Counter()
-        for i in ids:
-            try:
-                audio, text, toks = self.read_sample(i)
-            except AudioError as e:
-                skipped[e.reason] += 1
-                shard_errors[self.catalog.shard_paths[self.catalog.shard_of[i]]] += 1
-                continue
-            audios.append(audio)
-            texts.append(text)
-            tokens.append(np.asarray(toks, dtype=np.int64))
-            keys.append(self.catalog.keys[i])
-        if not keys:
-            audios, texts, tokens, keys = (
-                [np.zeros(SAMPLE_RATE, np.float32)],
-                [""],
-                [[]],
-                [FILLER_KEY],
-            )
-            skipped["filler_batches"] += 1
-        audio_t, audio_lens = pad(audios, np.float32)
-        tokens_t, token_lens = pad(tokens, np.int64)
-        return {
-            "audio": audio_t,
-            "audio_lens": audio_lens,
-            "tokens": tokens_t,
-            "token_lens": token_lens,
-            "keys": keys,
-            "texts": texts,
-            "bucket": bucket,
-            "_skipped": dict(skipped),
-            "_shard_errors": dict(shard_errors),
-            "_read": len(ids),
-        }
+        return audio, meta["text"], self.tokenize(meta["text"])
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files = {}
+
+
+class PlannedBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of a plan (lists of sample ids), as the worker processes read it."""
+
+    def __init__(
+        self,
+        reader: SampleReader,
+        batches: list[list[int]],
+        buckets: list[int] | None = None,
+        strict: bool = False,
+    ):
+        self.reader, self.batches, self.strict = reader, batches, strict
+        self.buckets = buckets if buckets is not None else [-1] * len(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.reader.read_batch(self.batches[i], self.buckets[i], self.strict)

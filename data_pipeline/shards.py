@@ -7,11 +7,18 @@ Shard membership is fixed from the record order before any audio is read, so the
 same bytes whatever the number of workers, and a rerun skips shards already on disk (each is
 written to a temporary name and renamed when complete). Inputs that cannot be read are listed in
 ``DIR/report.jsonl`` with the reason; ``DIR/index.json`` is written last (``data_pipeline.index``).
+
+An array job (``omni-ds make-shards ... --task I --tasks N``, ``slurm/make_shards.sbatch``) splits
+the same layout: :func:`make_shards_task` ``I`` of ``N`` writes shards I, I+N, I+2N, ..., and the
+task that finds all N done (under a file lock) finishes with :func:`make_shards` itself, which
+only scans the shards now on disk and writes ``index.json`` and ``report.jsonl``: the result is
+byte-identical to the one-machine command. A requeued or rerun task skips complete shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
 import json
 import multiprocessing
@@ -21,14 +28,17 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from data_pipeline.audio import SAMPLE_RATE, AudioError, encode_flac, read_file
+from data_pipeline.audio import SAMPLE_RATE, AudioError, encode_flac, file_seconds, read_file
 from data_pipeline.index import scan_shard, write_index
 from data_pipeline.manifests import Problem, Record
 
 REPORT_FILE = "report.jsonl"
 _PARTS = ".parts"
+DONE_DIR = ".array"
+"""Per-task completion markers of array jobs, ``DIR/.array/<job>.<task>-of-<tasks>``: a later
+array job over the same directory waits for its own tasks, not for markers left by an earlier
+one."""
 
 
 def shard_name(i: int) -> str:
@@ -61,13 +71,10 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> 
 
 def _estimated_bytes(r: Record) -> int:
     # Raw 16-bit PCM bytes; FLAC shards come out at roughly half of it for speech.
-    duration = r.duration
-    if duration is None:
-        try:
-            info = sf.info(r.path)
-            duration = info.frames / info.samplerate - r.start
-        except (sf.LibsndfileError, RuntimeError, OSError):
-            duration = 0.0
+    try:
+        duration = file_seconds(r.path, r.start, r.duration)
+    except AudioError:
+        duration = 0.0
     return int(duration * SAMPLE_RATE * 2)
 
 
@@ -158,6 +165,16 @@ class ShardSummary:
     """Inputs left out, listed in ``report.jsonl``."""
 
 
+def _shard_jobs(
+    records: Sequence[Record], out: Path, shard_size: int | None, shard_bytes: int | None
+) -> list[tuple[Path, list[Record]]]:
+    """(shard path, its records) of every shard of ``out``, which is created."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _PARTS).mkdir(exist_ok=True)
+    groups = group_records(records, shard_size, shard_bytes)
+    return [(out / shard_name(i), g) for i, g in enumerate(groups)]
+
+
 def make_shards(
     records: Sequence[Record],
     out: Path,
@@ -169,10 +186,7 @@ def make_shards(
     progress: bool = True,
 ) -> ShardSummary:
     """Shard ``records`` into ``out`` (see the module docstring); returns what was written."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _PARTS).mkdir(exist_ok=True)
-    groups = group_records(records, shard_size, shard_bytes)
-    jobs = [(out / shard_name(i), g) for i, g in enumerate(groups)]
+    jobs = _shard_jobs(records, out, shard_size, shard_bytes)
     results = run_jobs(_build_shard, jobs, workers or os.cpu_count() or 1, "shards", progress)
     index = [entry for entry, _ in results]
     write_index(out, index)
@@ -188,3 +202,36 @@ def make_shards(
         hours=sum(e["duration"] for e in index) / 3600,
         problems=lines.count("\n"),
     )
+
+
+def make_shards_task(
+    records: Sequence[Record],
+    out: Path,
+    task: int,
+    tasks: int,
+    *,
+    job: str = "local",
+    problems: Sequence[Problem] = (),
+    shard_size: int | None = None,
+    shard_bytes: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> bool:
+    """Write array task ``task``'s shards (module docstring); True when this call also wrote
+    the index and report, i.e. every task of ``job`` is done."""
+    if not 0 <= task < tasks:
+        raise ValueError(f"task {task} is not in 0..{tasks - 1}")
+    jobs = _shard_jobs(records, out, shard_size, shard_bytes)
+    done = out / DONE_DIR
+    done.mkdir(exist_ok=True)
+    run_jobs(_build_shard, jobs[task::tasks], workers, f"task {task}/{tasks}", progress)
+    (done / f"{job}.{task}-of-{tasks}").touch()
+    with open(done / "lock", "w") as lock:
+        # Both tasks may finish together: one writes the index, the other then finds it written
+        # and rewrites the same bytes.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((done / f"{job}.{t}-of-{tasks}").exists() for t in range(tasks)):
+            return False
+        make_shards(records, out, problems=problems, shard_size=shard_size,
+                    shard_bytes=shard_bytes, workers=workers, progress=False)  # fmt: skip
+    return True

@@ -169,3 +169,24 @@ def test_error_rate_ceiling_names_the_worst_shard(salted):
         DataError, match=r"worst shards: .*shard-00000[012]\.tar \(\d+\).*max_error_rate"
     ):
         list(SpeechLoader(cfg, seed=0))
+
+
+def test_dev_and_eval_reading_of_the_salted_corpus(salted):
+    """Dev sets (lenient) skip and count exactly what training skips, in order, over 2 ranks;
+    evaluation (strict) refuses the set, naming the first unusable sample's shard and key."""
+    from data_pipeline.ordered import OrderedReader
+    from data_pipeline.reader import FILLER_KEY
+
+    readers = [OrderedReader(salted, batch_seconds=8.0, strict=False, rank=r, world_size=2)
+               for r in range(2)]  # fmt: skip
+    batches = [list(reader) for reader in readers]
+    assert len(batches[0]) == len(batches[1])
+    keys = [k for step in zip(*batches) for b in step for k in b["keys"] if k != FILLER_KEY]
+    assert keys == [f"train-{i:06d}" for i in range(7)]
+    total = Counter()
+    for reader in readers:
+        total.update(reader.skipped())
+    total.pop("filler_batches", None)
+    assert dict(total) == EXPECTED
+    with pytest.raises(DataError, match=r"shard-000000\.tar: sample 'garbage' is unusable"):
+        OrderedReader(salted)

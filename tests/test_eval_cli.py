@@ -1,5 +1,6 @@
 """End to end on a model trained inside the test: 2 ranks, ZeRO-2, ep_size=2, omni router →
-``omni-ds export`` → ``transcribe`` / ``eval`` / ``analyze`` on real FLAC shards and manifests."""
+``omni-ds export`` → ``transcribe`` / ``eval`` / ``analyze`` on real FLAC and Ogg shards (without
+an index.json) and manifests."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def waves(ids: list[list[int]]) -> list[np.ndarray]:
 
 def train_tiny(ckpt_dir: str, ids: list[list[int]]) -> list[list[int]]:
     """Rank worker: save step_0, overfit the 8 sentences (4 per rank), save, decode all 8 live."""
+    from data_pipeline.reader import pad
     from omni_ds import dist
     from omni_ds.config.experiment import load_config
-    from omni_ds.eval.inference import pad_batch
     from omni_ds.model.decode import ctc_greedy
     from omni_ds.model.encoder import build_model
     from omni_ds.train.engine import build_engine
@@ -70,7 +71,7 @@ def train_tiny(ckpt_dir: str, ids: list[list[int]]) -> list[list[int]]:
         engine = build_engine(model, ds)
         engine.save_checkpoint(ckpt_dir, tag="step_0")
         mine = ids[info.env.rank :: 2]
-        audio, lens = pad_batch(waves(ids)[info.env.rank :: 2])
+        audio, lens = pad(waves(ids)[info.env.rank :: 2], np.float32)
         tokens = torch.zeros(len(mine), max(map(len, mine)), dtype=torch.long)
         for i, t in enumerate(mine):
             tokens[i, : len(t)] = torch.tensor(t)
@@ -81,35 +82,43 @@ def train_tiny(ckpt_dir: str, ids: list[list[int]]) -> list[list[int]]:
             engine.step()
         engine.save_checkpoint(ckpt_dir, tag=f"step_{STEPS}")
         engine.eval()
-        audio, lens = pad_batch(waves(ids))
+        audio, lens = pad(waves(ids), np.float32)
         with torch.no_grad():
             out = engine(audio, lens)
         return ctc_greedy(out.logits, out.out_lens)
 
 
-def write_test_sets(root: Path, ids: list[list[int]]) -> tuple[Path, Path, list[Path]]:
-    """The 8 utterances as FLAC files, as 2 tar shards and as a JSONL manifest."""
-    files, rows = [], []
-    shards = root / "shards"
+def write_tars(shards: Path, audio: list[tuple[str, bytes]]) -> None:
+    """``(name, bytes)`` of the 8 utterances' audio as 2 tar shards with their labels."""
     shards.mkdir(parents=True)
-    for i, (wave, text) in enumerate(zip(waves(ids), SENTENCES)):
-        path = root / f"utt{i}.flac"
-        sf.write(path, wave, 16000, subtype="PCM_24")
-        files.append(path)
-        rows.append({"audio_filepath": path.name, "text": text.upper() + "."})
     for s in range(2):
         with tarfile.open(shards / f"shard-{s:06d}.tar", "w") as tar:
             for i in range(4 * s, 4 * s + 4):
-                for name, data in (
-                    (f"utt{i}.flac", files[i].read_bytes()),
-                    (f"utt{i}.json", json.dumps({"text": SENTENCES[i]}).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                label = json.dumps({"text": SENTENCES[i]}).encode()
+                for member, blob in (audio[i], (f"utt{i}.json", label)):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+
+
+def write_test_sets(root: Path, ids: list[list[int]]) -> tuple[Path, Path, Path, list[Path]]:
+    """The 8 utterances as FLAC files, as 2 tar shards of FLAC, 2 of Ogg Vorbis and as a JSONL
+    manifest."""
+    files, rows, ogg = [], [], []
+    for i, (wave, text) in enumerate(zip(waves(ids), SENTENCES)):
+        path = root / f"utt{i}.flac"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, wave, 16000, subtype="PCM_24")
+        files.append(path)
+        rows.append({"audio_filepath": path.name, "text": text.upper() + "."})
+        buf = io.BytesIO()
+        sf.write(buf, wave, 16000, format="OGG", subtype="VORBIS")
+        ogg.append((f"utt{i}.ogg", buf.getvalue()))
+    write_tars(root / "shards", [(f.name, f.read_bytes()) for f in files])
+    write_tars(root / "ogg", ogg)
     manifest = root / "test.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return shards, manifest, files
+    return root / "shards", root / "ogg", manifest, files
 
 
 @pytest.mark.slow
@@ -137,7 +146,7 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(trained), "--tokenizer", str(sp_model)]) == 0
     step0 = ["export", str(run / "checkpoints" / "step_0"), "--out", str(untrained)]
     assert main([*step0, "--tokenizer", str(sp_model)]) == 0
-    shards, manifest, files = write_test_sets(tmp_path / "data", ids)
+    shards, ogg, manifest, files = write_test_sets(tmp_path / "data", ids)
     capsys.readouterr()
 
     # transcribe: exactly what the live (2-rank, ep_size=2) model decoded before export
@@ -148,9 +157,10 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     beam = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
     assert jiwer.wer(SENTENCES, beam) <= jiwer.wer(SENTENCES, live_texts) + 0.05
 
-    # eval: two models, two sets; WERs are jiwer's on the normalised texts
+    # eval: two models, three sets; WERs are jiwer's on the normalised texts
     out = tmp_path / "eval"
-    sets = ["--test-set", f"shards={shards}", "--test-set", f"manifest={manifest}"]
+    sets = ["--test-set", f"shards={shards}", "--test-set", f"manifest={manifest}",
+            "--test-set", f"ogg={ogg}"]  # fmt: skip
     assert main(["eval", str(untrained), str(trained), *sets, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "eval.json").read_text())
@@ -158,9 +168,14 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     expected = jiwer.wer(SENTENCES, [t.lower() for t in live_texts])
     for name in ("shards", "manifest"):  # manifest refs are upper case with a full stop
         assert by_model["omni"]["sets"][name]["wer"] == pytest.approx(expected, abs=1e-12)
+    # Lossy Vorbis: scored like the others, every utterance, close to the FLAC WER.
+    assert by_model["omni"]["sets"]["ogg"]["utterances"] == 8
+    assert by_model["omni"]["sets"]["ogg"]["wer"] <= expected + 0.25
     assert by_model["untrained"]["mean_wer"] > 0.5
     rows = list(csv.DictReader(open(out / "eval.csv")))
-    assert len(rows) == 6
+    assert len(rows) == 8
+    # The shard dirs have no index.json: eval scanned them in memory and wrote none.
+    assert not (shards / "index.json").exists() and not (ogg / "index.json").exists()
     assert "| `omni` vs `untrained` |" in printed and (out / "eval.md").read_text() in printed
 
     # analyze: analysis.json, 4 PNGs, random routing hurts the trained model

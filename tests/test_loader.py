@@ -31,20 +31,26 @@ def config(directory: Path, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """3 shards of 12, 10 and 8 synthetic utterances (0.9–3.3 s), written by the shard writer."""
-    out = tmp_path_factory.mktemp("corpus")
+def write_corpus(out: Path, sizes: tuple[int, ...], split=SPLIT, pl_noise: float = 0.2,
+                 vocab: int = 64) -> Path:  # fmt: skip
+    """Shards of ``sizes`` synthetic utterances of ``split`` in ``out``, indexed, with
+    ``out/tokenizer.model``."""
     first = 0
-    for k, n in enumerate((12, 10, 8)):
+    for k, n in enumerate(sizes):
         write_shard(
             out / f"shard-{k:06d}.tar",
-            (utterance(SPLIT, i, 0, 0.2) for i in range(first, first + n)),
+            (utterance(split, i, 0, pl_noise) for i in range(first, first + n)),
         )
         first += n
     index_directory(out)
-    train_tokenizer([out], out / "tokenizer", 64)
+    train_tokenizer([out], out / "tokenizer", vocab)
     return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """3 shards of 12, 10 and 8 synthetic utterances (0.9–3.3 s), written by the shard writer."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), (12, 10, 8))
 
 
 def all_keys(directory: Path) -> list[str]:

@@ -188,3 +188,66 @@ def test_shards_read_by_the_webdataset_library(tmp_path):
     audio, rate = sf.read(io.BytesIO(got["u2"]["flac"]), dtype="int16")
     np.testing.assert_array_equal(audio, pcm(0.4, 2))
     assert json.loads(got["u2"]["json"])["text"] == "t 2"
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_array_tasks_write_what_the_local_command_writes(tmp_path, monkeypatch, capsys):
+    manifest = _manifest(tmp_path, 9)
+    with manifest.open("a") as f:
+        f.write("\n" + json.dumps({"audio_filepath": "missing.flac", "text": "gone"}))
+    local, array = tmp_path / "local", tmp_path / "array"
+    common = [str(manifest), "--shard-size", "2", "--workers", "1"]
+    assert main(["make-shards", *common, "--out", str(local)]) == 0
+    # Task 1 of 3 by flags; tasks 2 and 0 from the SLURM array variables, as sbatch sets them.
+    assert main(["make-shards", *common, "--out", str(array), "--task", "1", "--tasks", "3",
+                 "--job", "77"]) == 0  # fmt: skip
+    assert "task 1 of 3 done; waiting for the other tasks" in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    for task_id in (6, 4):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task_id))
+        assert main(["make-shards", *common, "--out", str(array)]) == 0
+    assert "task 0 of 3 done; all tasks done, index written" in capsys.readouterr().out
+    written = _tree(local)
+    assert sum(name.endswith(".tar") for name in written) == 5
+    assert "missing.flac" in written["report.jsonl"].decode()
+    got = _tree(array)
+    assert {k: got[k] for k in written} == written
+    assert sorted(set(got) - set(written)) == [".array/77.0-of-3", ".array/77.1-of-3",
+                                               ".array/77.2-of-3", ".array/lock"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--task 3 is not in 0..2"):
+        main(["make-shards", *common, "--out", str(array), "--task", "3", "--tasks", "3"])
+
+
+def test_the_sbatch_script_runs_make_shards_tasks(tmp_path):
+    """slurm/make_shards.sbatch as SLURM starts it on each array task (no cluster needed)."""
+    import os
+    import subprocess
+    import sys
+
+    manifest = _manifest(tmp_path, 5)
+    records, problems = read_input(manifest)
+    make_shards(records, tmp_path / "local", problems=problems, shard_size=2, workers=1,
+                progress=False)  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "slurm" / "make_shards.sbatch"
+    env = {**os.environ, "OMNI_DS": str(Path(sys.executable).with_name("omni-ds")),
+           "SLURM_ARRAY_JOB_ID": "9", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
+           "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(tmp_path)}  # fmt: skip
+    logs = []
+    for task in (0, 1):
+        result = subprocess.run(
+            ["bash", str(script), str(manifest), "--out", str(tmp_path / "array"),
+             "--shard-size", "2"],
+            env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        logs.append(result.stdout + result.stderr)
+    assert "task 0 of 2 done; waiting" in logs[0] and "all tasks done" in logs[1]
+    assert "task 0/2" in logs[0] and "task 1/2" in logs[1]
+    written = _tree(tmp_path / "local")
+    assert {k: _tree(tmp_path / "array")[k] for k in written} == written

@@ -19,7 +19,10 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="written by omni-ds export")
     parser.add_argument(
-        "--test-set", required=True, metavar="PATH", help="shard dir, .tar shard or JSONL manifest"
+        "--test-set",
+        required=True,
+        metavar="PATH",
+        help="shard dir, .tar shard, JSONL manifest, Kaldi or LibriSpeech dir (as omni-ds eval)",
     )
     parser.add_argument(
         "--out", default=None, help="output directory (default: MODEL_DIR/analysis)"
@@ -41,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from data_pipeline.ordered import OrderedReader
     from omni_ds.ckpt.model_dir import load_model_dir
     from omni_ds.eval.analysis import RoutingCollector, set_random_routing
     from omni_ds.eval.inference import Transcriber, transcribe_batches
     from omni_ds.eval.plots import save_plots
-    from omni_ds.eval.test_sets import count_utterances, open_test_set
     from omni_ds.eval.wer import score_set
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,15 +59,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     transcriber = Transcriber(loaded)
+    reader = OrderedReader(args.test_set, batch_seconds=args.batch_seconds)
 
     def decode(desc: str, collector=None):
-        batches = open_test_set(args.test_set, batch_seconds=args.batch_seconds)
         return transcribe_batches(
             transcriber,
-            batches,
+            reader,
             collector=collector,
             desc=desc,
-            total=None if args.max_batches else count_utterances(args.test_set),
+            total=None if args.max_batches else reader.num_utterances,
             max_batches=args.max_batches,
         )
 

@@ -1,9 +1,11 @@
 """Word error rate of one or more exported models on named test sets.
 
-Each test set is NAME=PATH (a shard directory, a .tar shard, or a JSONL manifest). References and
-hypotheses go through the English normaliser of ``omni_ds.eval.normalize`` (case, punctuation,
-whitespace; documented there) before jiwer scores each set; the average is the plain mean over
-sets, as the Omni-router paper reports it. Writes OUT/eval.json, OUT/eval.csv, OUT/eval.md and
+Each test set is NAME=PATH: a shard directory (with or without index.json), a .tar shard, or a
+corpus make-shards reads (NeMo JSONL manifest, Kaldi dir, LibriSpeech tree), read in order and
+unfiltered by ``data_pipeline.ordered``; an unusable utterance stops the run, naming it.
+References and hypotheses go through the English normaliser of ``omni_ds.eval.normalize`` (case,
+punctuation, whitespace; documented there) before jiwer scores each set; the average is the plain
+mean over sets, as the Omni-router paper reports it. Writes OUT/eval.json, OUT/eval.csv, OUT/eval.md and
 OUT/hyps/<model>/<set>.tsv. With several models (e.g. dense, Switch, omni) it prints the paper-style
 comparison: the relative WER reduction of the LAST model against each other one, per set and on
 the average.
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="a test set (repeatable): shard dir, .tar shard or JSONL manifest",
+        help="a test set (repeatable): shard dir, .tar shard, JSONL manifest, Kaldi dir or "
+        "LibriSpeech tree",
     )
     parser.add_argument("--out", default="eval", help="directory for the reports (default: eval)")
     parser.add_argument(
@@ -64,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from data_pipeline.ordered import OrderedReader
     from omni_ds.ckpt.model_dir import load_model_dir
     from omni_ds.eval.compare import comparison_markdown
     from omni_ds.eval.inference import Transcriber, transcribe_batches
-    from omni_ds.eval.test_sets import count_utterances, open_test_set
     from omni_ds.eval.wer import EvalReport, markdown_table, score_set, write_csv, write_json
 
     sets = parse_test_sets(args.test_set)
+    # Opened once, before any model loads: a set that cannot be read fails at once.
+    readers = {name: OrderedReader(path, batch_seconds=args.batch_seconds)
+               for name, path in sets.items()}  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     reports = []
@@ -78,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model_dir(model_dir, device)
         transcriber = Transcriber(loaded, beam_size=args.beam_size)
         scores = {}
-        for set_name, path in sets.items():
-            batches = open_test_set(path, batch_seconds=args.batch_seconds)
+        for set_name, reader in readers.items():
             result = transcribe_batches(
-                transcriber, batches, desc=f"{name}/{set_name}", total=count_utterances(path)
+                transcriber, reader, desc=f"{name}/{set_name}", total=reader.num_utterances
             )
             (out / "hyps" / name).mkdir(parents=True, exist_ok=True)
             result.write_tsv(out / "hyps" / name / f"{set_name}.tsv")

@@ -23,18 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
+    from data_pipeline.audio import read_float
+    from data_pipeline.reader import pad
     from omni_ds.ckpt.model_dir import load_model_dir
-    from omni_ds.eval.inference import Transcriber, pad_batch
-    from omni_ds.eval.test_sets import read_audio_file
+    from omni_ds.eval.inference import Transcriber
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     transcriber = Transcriber(load_model_dir(args.model, device), beam_size=args.beam_size)
     paths = list(args.audio)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        audio, lens = pad_batch([read_audio_file(p) for p in chunk])
+        audio, lens = pad([read_float(p) for p in chunk], np.float32)
         for path, text in zip(chunk, transcriber.texts(transcriber.decode(audio, lens))):
             print(f"{path}\t{text}", flush=True)
     return 0

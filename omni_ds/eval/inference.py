@@ -8,21 +8,11 @@ result = transcribe_batches(transcriber, batches, desc="dev")   # keys, refs, hy
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-import numpy as np
 import torch
 
 from omni_ds.model.decode import ctc_beam_search, ctc_greedy
-
-
-def pad_batch(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(audio [B, S] float32 zero-padded, audio_lens [B])`` from 1-d waveforms."""
-    lens = torch.tensor([len(w) for w in waves], dtype=torch.int64)
-    audio = torch.zeros(len(waves), int(lens.max()), dtype=torch.float32)
-    for i, w in enumerate(waves):
-        audio[i, : len(w)] = torch.as_tensor(w, dtype=torch.float32)
-    return audio, lens
 
 
 class Transcriber:

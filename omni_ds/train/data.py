@@ -1,13 +1,16 @@
 """The experiment's ``data:`` section turned into data_pipeline loaders for one rank.
 
 ``data_pipeline`` never imports ``omni_ds``; this is the one place training meets it. Every rank
-builds the same epoch plan, so every rank yields the same number of batches (train and dev), as
-the MoE all-to-all needs.
+builds the same plan, so every rank yields the same number of batches (train and dev), as the MoE
+all-to-all needs. Dev sets are read as ``omni-ds eval`` reads test sets (``data_pipeline.ordered``:
+in order, unfiltered), except that an unusable sample is skipped and counted instead of stopping
+the run.
 """
 
 from __future__ import annotations
 
 from data_pipeline.loader import SpeechLoader
+from data_pipeline.ordered import OrderedReader
 from data_pipeline.tokenizer import Tokenizer
 from omni_ds.errors import ConfigError
 
@@ -31,17 +34,21 @@ def make_train_loader(cfg, rank: int, world_size: int) -> tuple[SpeechLoader, To
     return loader, tokenizer
 
 
-def make_dev_sets(cfg, rank: int, world_size: int, tokenizer) -> dict[str, SpeechLoader]:
-    """One unfiltered loader per dev set in ``data.dev`` (may be empty)."""
+def make_dev_sets(cfg, rank: int, world_size: int, tokenizer) -> dict[str, OrderedReader]:
+    """One ordered, unfiltered reader per dev set in ``data.dev`` (may be empty), batched under
+    the training's frame budget."""
+    data = cfg.data
     return {
-        name: SpeechLoader(
-            cfg.data,
-            tokenizer,
+        name: OrderedReader(
+            path,
+            batch_seconds=data.max_batch_seconds,
+            max_batch_size=data.max_batch_size,
+            tokenizer=tokenizer,
+            strict=False,
             rank=rank,
             world_size=world_size,
-            seed=cfg.train.seed,
-            shards=[path],
-            train=False,
-        )  # fmt: skip
-        for name, path in cfg.data.dev.items()
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+        )
+        for name, path in data.dev.items()
     }

@@ -1,14 +1,16 @@
 """Periodic dev evaluation during training: CTC loss and greedy-decoding WER per dev set.
 
-Every rank decodes its own share of each dev set (the loader gives every rank the same number of
-batches, which the MoE all-to-all needs); transcripts are gathered on rank 0, which scores them
-with the same normaliser and jiwer path as ``omni-ds eval``.
+Every rank decodes its own share of each dev set (``data_pipeline.ordered`` gives every rank the
+same number of batches, which the MoE all-to-all needs, padding with filler batches that run the
+forward but are left out of the loss and the WER); transcripts are gathered on rank 0, which
+scores them with the same normaliser and jiwer path as ``omni-ds eval``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from data_pipeline.reader import FILLER_KEY
 from omni_ds.dist import gather_objects
 from omni_ds.eval.wer import score_set
 from omni_ds.model.decode import ctc_greedy
@@ -16,7 +18,8 @@ from omni_ds.model.decode import ctc_greedy
 
 @torch.no_grad()
 def dev_scores(engine, dev_sets: dict, tokenizer, max_batches: int = 0) -> dict[str, dict]:
-    """``{set name: {"loss", "wer", "utterances"}}`` (complete on rank 0; every rank calls it)."""
+    """``{set name: {"loss", "wer", "utterances", "skipped"}}`` (complete on rank 0; every rank
+    calls it); ``skipped`` counts the unusable dev samples left out."""
     model = engine.module
     device = next(model.parameters()).device
     engine.eval()
@@ -27,6 +30,8 @@ def dev_scores(engine, dev_sets: dict, tokenizer, max_batches: int = 0) -> dict[
             if max_batches and i >= max_batches:
                 break
             out = engine(batch["audio"].to(device), batch["audio_lens"].to(device))
+            if batch["keys"] == [FILLER_KEY]:  # only there to keep the ranks in step
+                continue
             token_lens = batch["token_lens"].to(device)
             loss = model.loss(out, batch["tokens"].to(device), token_lens)
             n = int(token_lens.sum())
@@ -37,7 +42,8 @@ def dev_scores(engine, dev_sets: dict, tokenizer, max_batches: int = 0) -> dict[
             # untrained model can still emit them.
             for ids in ctc_greedy(out.logits.float(), out.out_lens):
                 hyps.append(tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]))
-        gathered = gather_objects((nll, tokens, refs, hyps))
+        skipped = sum(n for reason, n in loader.skipped().items() if reason != "filler_batches")
+        gathered = gather_objects((nll, tokens, refs, hyps, skipped))
         total_nll = sum(g[0] for g in gathered)
         total_tokens = sum(g[1] for g in gathered)
         all_refs = [r for g in gathered for r in g[2]]
@@ -47,6 +53,7 @@ def dev_scores(engine, dev_sets: dict, tokenizer, max_batches: int = 0) -> dict[
             "loss": total_nll / max(total_tokens, 1),
             "wer": score.wer if score is not None else float("nan"),
             "utterances": len(all_refs),
+            "skipped": sum(g[4] for g in gathered),
         }
     engine.train()
     return results

@@ -1,0 +1,103 @@
+"""Decoding worker processes, shared by the training loader and the ordered reader.
+
+    with worker_batches(PlannedBatches(reader, batches), num_workers=2, prefetch_factor=2,
+                        seed=seed) as batches:
+        for batch in batches:      # in plan order
+            ...
+
+Workers start from a fork server, ignore SIGUSR1/SIGTERM (the training process decides when to
+stop) and are ended by the ``with`` block, or at exit, with SIGKILL if they do not leave. Their
+base seed comes from a private generator, never from the caller's global RNG.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import weakref
+from collections.abc import Iterator
+
+import torch
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+# Workers start from a single-threaded fork server, never by forking the trainer itself: a trainer
+# runs gloo/NCCL, tqdm and queue-feeder threads, and a fork taken while one of them holds
+# CPython's thread-state lock leaves the child stuck in its after-fork clean-up (seen: a dev-set
+# worker hung in _PyThreadState_DeleteExcept while the other rank waited in the MoE all-to-all).
+_WORKER_CONTEXT = multiprocessing.get_context("forkserver")
+_WORKER_CONTEXT.set_forkserver_preload(["data_pipeline.reader"])
+
+
+def _ensure_fork_server() -> None:
+    """Start the fork server with the stop signals ignored (kept across its exec and inherited
+    by every worker), so SIGUSR1/SIGTERM sent to the trainer's process group reach the trainer
+    alone."""
+    stops = (signal.SIGUSR1, signal.SIGTERM)
+    old = [signal.signal(s, signal.SIG_IGN) for s in stops]
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for s, handler in zip(stops, old):
+            signal.signal(s, handler)
+
+
+# Workers ignore SIGTERM, so neither torch's fallback (``terminate()``) nor multiprocessing's exit
+# handler (terminate, then join without a timeout) can end a straggler: a worker still alive when
+# the trainer exits (say with 75 after SIGUSR1, its epoch iterator abandoned) would hang the exit
+# forever. The workers are therefore ended here, with SIGKILL if they do not leave.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers(it) -> None:
+    workers = list(getattr(it, "_workers", ()))
+    it._shutdown_workers()  # the polite way: sentinel, join with a timeout
+    for w in workers:
+        if w.is_alive():
+            os.kill(w.pid, signal.SIGKILL)
+            w.join()
+    _LIVE.discard(it)
+
+
+# Registered after multiprocessing's own exit handler, so it runs before it.
+atexit.register(lambda: [_stop_workers(it) for it in list(_LIVE)])
+
+
+@contextlib.contextmanager
+def worker_batches(
+    dataset: torch.utils.data.Dataset, *, num_workers: int, prefetch_factor: int, seed: int
+) -> Iterator[Iterator[dict]]:
+    """``dataset[0], dataset[1], ...`` read by ``num_workers`` processes (0: in this one)."""
+    if num_workers == 0:
+        yield (dataset[i] for i in range(len(dataset)))
+        return
+    _ensure_fork_server()
+    it = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=min(num_workers, max(1, len(dataset))),
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=_ignore_stop_signals,
+            multiprocessing_context=_WORKER_CONTEXT,
+            # The workers' base seed comes from a private generator: starting an epoch never
+            # draws from the trainer's global RNG (dropout, SpecAugment, CAPE), so a resumed
+            # run draws exactly what the uninterrupted run drew.
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
+    _LIVE.add(it)
+    try:
+        yield it
+    finally:
+        if it in _LIVE:
+            _stop_workers(it)
