@@ -192,7 +192,9 @@ def check_batch_sizes(ds: dict, world_size: int, where: str = "deepspeed") -> li
     return []
 
 
-def check_parallelism(ds: dict, moe: MoEConfig, world_size: int, where: str = "deepspeed") -> list[str]:
+def check_parallelism(
+    ds: dict, moe: MoEConfig, world_size: int, where: str = "deepspeed"
+) -> list[str]:
     problems = []
     zero = ds.get("zero_optimization") or {}
     stage = zero.get("stage", 0)

@@ -1,7 +1,7 @@
 """The experiment config: one typed section per component, as written in ``configs/*.yaml``.
 
-    cfg = load_config("configs/tiny.yaml", ["model.moe.router=switch"])
-    model = omni_ds.model.build_model(cfg.model)
+cfg = load_config("configs/tiny.yaml", ["model.moe.router=switch"])
+model = omni_ds.model.build_model(cfg.model)
 """
 
 from __future__ import annotations

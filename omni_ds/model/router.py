@@ -201,4 +201,3 @@ def scatter_routing(routing: Routing, real: Tensor) -> Routing:
         weight=spread(routing.weight, 0.0),
         prob=spread(routing.prob, 0.0),
     )
-

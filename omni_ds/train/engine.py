@@ -45,4 +45,3 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
         model=model, model_parameters=moe_param_groups(model), config=ds_config
     )
     return engine
-

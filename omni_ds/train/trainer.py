@@ -104,7 +104,9 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.loader, self.tokenizer = make_train_loader(cfg, info.rank, info.world_size)
         self.dev_sets = make_dev_sets(cfg, info.rank, info.world_size, self.tokenizer)
-        self.engine = build_engine(build_model(cfg.model), ds_config_for_run(ds_config, self.run_dir))
+        self.engine = build_engine(
+            build_model(cfg.model), ds_config_for_run(ds_config, self.run_dir)
+        )
         self.model = self.engine.module
         self.checkpointer = Checkpointer(self.engine, self.run_dir, cfg.checkpoint,
                                          ep_size=cfg.model.moe.ep_size)  # fmt: skip
@@ -172,7 +174,11 @@ class Trainer:
             last = step >= tcfg.max_steps
             if self.dev_sets and (last or (tcfg.dev_every and step % tcfg.dev_every == 0)):
                 self.evaluate()
-            if self.stopping or self.checkpointer.due(step) or (last and self.cfg.checkpoint.save_final):
+            if (
+                self.stopping
+                or self.checkpointer.due(step)
+                or (last and self.cfg.checkpoint.save_final)
+            ):
                 self.checkpointer.save(step, {}, self.state_dict())
             if self.stopping:
                 if bar is not None:
