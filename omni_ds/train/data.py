@@ -12,10 +12,11 @@ from __future__ import annotations
 from data_pipeline.loader import SpeechLoader
 from data_pipeline.ordered import OrderedReader
 from data_pipeline.tokenizer import Tokenizer
+from omni_ds.config.experiment import ExperimentConfig
 from omni_ds.errors import ConfigError
 
 
-def make_tokenizer(cfg) -> Tokenizer:
+def make_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
     tokenizer = Tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -26,7 +27,9 @@ def make_tokenizer(cfg) -> Tokenizer:
     return tokenizer
 
 
-def make_train_loader(cfg, rank: int, world_size: int) -> tuple[SpeechLoader, Tokenizer]:
+def make_train_loader(
+    cfg: ExperimentConfig, rank: int, world_size: int
+) -> tuple[SpeechLoader, Tokenizer]:
     tokenizer = make_tokenizer(cfg)
     loader = SpeechLoader(
         cfg.data, tokenizer, rank=rank, world_size=world_size, seed=cfg.train.seed
@@ -34,7 +37,9 @@ def make_train_loader(cfg, rank: int, world_size: int) -> tuple[SpeechLoader, To
     return loader, tokenizer
 
 
-def make_dev_sets(cfg, rank: int, world_size: int, tokenizer) -> dict[str, OrderedReader]:
+def make_dev_sets(
+    cfg: ExperimentConfig, rank: int, world_size: int, tokenizer: Tokenizer
+) -> dict[str, OrderedReader]:
     """One ordered, unfiltered reader per dev set in ``data.dev`` (may be empty), batched under
     the training's frame budget."""
     data = cfg.data
