@@ -8,8 +8,8 @@ every 2 ms; memory-mapped file pages do not count, the kernel can drop them) of:
 
 * baseline: ``torch.load`` of every ZeRO shard, i.e. holding the optimizer state in memory, which
   any non-streaming reshard needs at least;
-* ``omni_ds.reshard.reshard`` to 4 ranks with ep_size 4, and back to 1 rank (the largest output
-  shard: the whole state in one file).
+* ``omni_ds.ckpt.reshard.reshard`` to 4 ranks with ep_size 4, and back to 1 rank (the largest
+  output shard: the whole state in one file).
 
 Prints MiB and the ratio reshard / baseline.
 """

@@ -1,4 +1,4 @@
-"""omni_ds.checkpoint: exact resume (RNG and data state included), atomicity, pruning, policy."""
+"""omni_ds.ckpt.saver: exact resume (RNG and data state included), atomicity, pruning, policy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.ckpt.saver import MANIFEST, complete_checkpoints, latest_checkpoint, tag_of
+from omni_ds.ckpt.format import MANIFEST, complete_checkpoints, latest_checkpoint, tag_of
 from omni_ds.config.train import CheckpointConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.ckpt.consolidate import consolidate, resolve_tag_dir
+from omni_ds.ckpt.consolidate import consolidate
+from omni_ds.ckpt.format import resolve_tag_dir
 from omni_ds.config.loading import from_dict
 from omni_ds.errors import CheckpointError
 

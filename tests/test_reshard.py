@@ -17,6 +17,7 @@ must equal what the saving run reported, tensor by tensor; losses must follow th
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -274,6 +275,15 @@ def test_impossible_layouts_are_refused(straight, tmp_path):
         reshard(source, tmp_path / "b", world_size=8, ep_size=8)
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from data_pipeline.synth import generate
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate(out, train_utterances=120, shard_size=60, vocab_size=64, workers=1, progress=False)
+    return out
+
+
 def train_argv(corpus: Path, ds: Path, run_dir: Path, *sets: str) -> list[str]:
     options = [
         f"train.run_dir={run_dir}", f"data.train=[{corpus}/train]", "data.dev={}",
@@ -286,20 +296,15 @@ def train_argv(corpus: Path, ds: Path, run_dir: Path, *sets: str) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
+def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(corpus, tmp_path):
     """``omni-ds train`` (bf16 ZeRO-2) on 2 ranks ep_size 2 for 12 steps; the same run resumed
     from step 6 on 1 rank (ep_size 1) reshards by itself and continues: the same learning rates,
     and a loss curve that carries on from where it was (one rank sees half the data per step, so
     the batches differ): mean loss of steps 9-12 within 25% of the straight run's, and below
     half of the first step's, which a restart from scratch would not reach."""
-    import json
-
-    from data_pipeline.synth import generate
-    from omni_ds.ckpt.saver import read_manifest
+    from omni_ds.ckpt.format import read_manifest
     from omni_ds.train.metrics import read_metrics
 
-    corpus = tmp_path / "corpus"
-    generate(corpus, train_utterances=120, shard_size=60, vocab_size=64, workers=1, progress=False)
     ds = json.loads(Path("ds_configs/zero2_bf16.json").read_text())
     ds["scheduler"]["params"].update(warmup_num_steps=2, warmup_max_lr=3e-3)
     (tmp_path / "ds.json").write_text(json.dumps(ds))
@@ -325,6 +330,36 @@ def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(tmp_path):
     assert tail_after < 0.5 * before[1]["loss"]
     manifest = read_manifest(resumed / "checkpoints" / "step_12")
     assert (manifest["world_size"], manifest["ep_size"]) == (1, 1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_omni_ds_train_resume_that_cannot_reshard_exits_2_in_one_line(corpus, tmp_path):
+    """A 2-rank run's checkpoint whose rank-1 ZeRO shard was damaged after its manifest was
+    written (the manifest then rewritten to match, so the tag still counts as complete): resuming
+    it on 1 rank must reshard it, which finds the damage; ``omni-ds train`` says so in one line
+    naming the file, with no traceback, and exits 2."""
+    from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
+
+    run = tmp_path / "run"
+    ds = Path("ds_configs/zero1_fp32.json")
+    steps = ("train.max_steps=2", "checkpoint.every_steps=2")
+    run_command(train_argv(corpus, ds, run, "model.moe.ep_size=2", *steps), 2)
+    tag = run / "checkpoints" / "step_2"
+    (shard,) = tag.glob("*zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    manifest = json.loads((tag / MANIFEST).read_text())
+    manifest["files"][shard.name] = shard.stat().st_size
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+    assert latest_checkpoint(run / "checkpoints") == tag
+
+    argv = train_argv(corpus, ds, run, "model.moe.ep_size=1", "train.max_steps=4")
+    (result,) = run_command([*argv, "--resume", "auto"], 1, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if shard.name in x]
+    assert line.startswith(f"cannot resume: {shard} is damaged and cannot be read"), line
+    assert not (tag.parent / "step_2.reshard-w1-ep1" / MANIFEST).exists()
 
 
 def test_client_state_is_dealt_to_the_new_ranks():

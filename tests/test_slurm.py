@@ -16,7 +16,7 @@ import pytest
 from slurm_cluster import REPO, LocalCluster
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from omni_ds.ckpt.saver import MANIFEST, latest_checkpoint
+from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
 from omni_ds.cli import main
 from omni_ds.train.metrics import read_metrics
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from harness import run_command, start_command
 
-from omni_ds.ckpt.saver import MANIFEST, latest_checkpoint
+from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
 from omni_ds.train.metrics import read_metrics
 from omni_ds.train.trainer import EXIT_REQUEUE
 

@@ -3,6 +3,7 @@ exported.
 
 | module | holds |
 | --- | --- |
+| ``format`` | the files on disk: names, reading one, the manifest, ``latest``, global expert ids |
 | ``saver`` | ``Checkpointer``: save with a manifest, ``latest``, keep-last-K, resume, RNG |
 | ``rank_state`` | how per-rank state (counters, loader) merges and splits on a reshard |
 | ``zero`` | the ZeRO-1/2 + MoE shard layout: read any parameter, plan another world size |

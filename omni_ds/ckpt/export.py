@@ -35,7 +35,7 @@ def export_checkpoint(
     config_path: str | Path | None = None,
     tokenizer: str | Path | None = None,
 ) -> Path:
-    """Write ``out/`` (see :mod:`omni_ds.model_dir`) from a run dir, checkpoints dir or tag."""
+    """Write ``out/`` (see :mod:`omni_ds.ckpt.model_dir`) from a run dir, checkpoints dir or tag."""
     merged = consolidate(checkpoint)
     config = load_config(config_path or find_run_config(merged.tag_dir))
     model = build_model(inference_model_config(config.model))

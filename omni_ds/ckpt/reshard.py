@@ -2,11 +2,11 @@
 
     reshard("runs/a/checkpoints/step_400", "runs/b/checkpoints/step_400", world_size=2, ep_size=1)
 
-DeepSpeed cannot resume MoE checkpoints on another layout (``shared/notes/deepspeed-cpu.md`` §5:
-a different data-parallel size raises for the optimizer state, a different ``ep_size`` fails its
-alignment check, universal checkpoints load the wrong experts when ``ep_size > 1``). Here every
+DeepSpeed 0.19.8 cannot resume MoE checkpoints on another layout: with a different data-parallel
+size loading the optimizer state raises, with a different ``ep_size`` loading fails its alignment
+check, and its universal checkpoints load the wrong experts when ``ep_size > 1``. Here every
 parameter's fp32 master and Adam moments are read from the source shards
-(:class:`~omni_ds.zero_layout.ZeroCheckpoint`) and written into the new ranks' flat partitions
+(:class:`~omni_ds.ckpt.zero.ZeroCheckpoint`) and written into the new ranks' flat partitions
 with DeepSpeed's own layout rules, so ``engine.load_checkpoint`` on the new layout restores
 weights, optimizer state, scheduler and step exactly. Expert files are keyed by global expert id
 and are copied as they are; the main file gets the new ``dp_world_size`` and ``param_shapes``;
@@ -20,7 +20,6 @@ are assembled in file-backed scratch buffers, so no process holds the optimizer 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import shutil
@@ -34,10 +33,19 @@ import numpy as np
 import torch
 
 from omni_ds import dist
-from omni_ds.ckpt.consolidate import MAIN_FILE, load_file
+from omni_ds.ckpt.format import (
+    CLIENT_KEY,
+    MAIN_FILE,
+    RESHARDED,
+    global_expert_name,
+    load_file,
+    read_manifest,
+    resharded_dir,
+    write_manifest,
+    zero_file,
+)
 from omni_ds.ckpt.rank_state import reshard_rank_states
-from omni_ds.ckpt.saver import CLIENT_KEY, MANIFEST, read_manifest
-from omni_ds.ckpt.zero import GroupPlan, ZeroCheckpoint, expert_name, split_expert_name
+from omni_ds.ckpt.zero import GroupPlan, ZeroCheckpoint
 from omni_ds.errors import CheckpointError
 
 
@@ -49,13 +57,6 @@ def check_layout(src: ZeroCheckpoint, world_size: int, ep_size: int) -> None:
         raise CheckpointError(f"ep_size {ep_size} must divide the number of experts ({experts})")
     if not experts and ep_size != 1:
         raise CheckpointError(f"{src.tag_dir} has no experts; use ep_size 1")
-
-
-def global_name(local: str, ep_rank: int, per_rank: int) -> str:
-    """Global expert parameter name of local expert parameter ``local`` on expert-parallel rank
-    ``ep_rank`` with ``per_rank`` experts per rank."""
-    prefix, i, suffix = split_expert_name(local)
-    return expert_name(prefix, ep_rank * per_rank + i, suffix)
 
 
 def _scratch(directory: Path, numel: int) -> torch.Tensor:
@@ -89,7 +90,7 @@ def write_rank(src: ZeroCheckpoint, plan: list[GroupPlan], out: Path, rank: int,
         buffers = {key: _scratch(out, size) for key in keys}
         mapping = OrderedDict()
         for name, (start, numel, offset) in group.fragments(part).items():
-            source = global_name(name, ep_rank, per_rank) if group.moe else name
+            source = global_expert_name(name, ep_rank, per_rank) if group.moe else name
             values = src.read(source)
             for key, value in values.items():
                 buffers[key].narrow(0, start, numel).copy_(value.view(-1).narrow(0, offset, numel))
@@ -115,14 +116,14 @@ def write_rank(src: ZeroCheckpoint, plan: list[GroupPlan], out: Path, rank: int,
         partition_count=[group.dp_size for group in plan],
         param_slice_mappings=mappings,
     )
-    name = src.zero_files[0].name.replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_")
+    name = zero_file(rank, src.zero_prefix)
     meta = {k: v for k, v in load_file(src.zero_files[0]).items() if k != "optimizer_state_dict"}
     torch.save({"optimizer_state_dict": osd, **meta}, out / name)
     return out / name
 
 
 def fresh_rng_state(seed: int) -> dict:
-    """python/numpy/torch RNG states (``omni_ds.checkpoint.rng_state`` format) seeded by ``seed``,
+    """python/numpy/torch RNG states (``omni_ds.ckpt.saver.rng_state`` format) seeded by ``seed``,
     for ranks that did not exist when the checkpoint was written."""
     return {
         "python": random.Random(seed).getstate(),
@@ -162,19 +163,16 @@ def write_common(src: ZeroCheckpoint, plan: list[GroupPlan], out: Path, world_si
         shutil.copyfile(f, out / f.name)
 
 
-def write_manifest(out: Path, src: ZeroCheckpoint, world_size: int, ep_size: int) -> None:
-    """omni-ds's completeness marker (see :mod:`omni_ds.checkpoint`), written last."""
-    files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*"))
-             if f.is_file() and f.name != MANIFEST}  # fmt: skip
-    manifest = {"step": int(src.main.get("global_steps") or 0), "world_size": world_size,
-                "ep_size": ep_size, "files": files, "time": time.time(),
-                "resharded_from": str(src.tag_dir)}  # fmt: skip
+def mark_complete(out: Path, src: ZeroCheckpoint, world_size: int, ep_size: int) -> None:
+    """The manifest of the resharded ``out``, written last: omni-ds's step (DeepSpeed's
+    ``global_steps`` for a checkpoint omni-ds did not write) and where it was resharded from."""
     client = src.main.get(CLIENT_KEY)
     if isinstance(client, dict) and "step" in client:
-        manifest["step"] = client["step"]
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+        step = client["step"]
+    else:
+        step = int(src.main.get("global_steps") or 0)
+    write_manifest(out, step=step, world_size=world_size, ep_size=ep_size,
+                   resharded_from=str(src.tag_dir))  # fmt: skip
 
 
 def reshard(src_path: str | Path, out: str | Path, *, world_size: int, ep_size: int,
@@ -186,8 +184,8 @@ def reshard(src_path: str | Path, out: str | Path, *, world_size: int, ep_size: 
     out = Path(out)
     if (out / MAIN_FILE).exists():
         raise CheckpointError(f"{out} already holds a checkpoint; pick an empty --out directory")
-    out.mkdir(parents=True, exist_ok=True)
     plan = src.plan(world_size, ep_size)
+    out.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -199,7 +197,7 @@ def reshard(src_path: str | Path, out: str | Path, *, world_size: int, ep_size: 
     if bar is not None:
         bar.close()
     write_common(src, plan, out, world_size, ep_size)
-    write_manifest(out, src, world_size, ep_size)
+    mark_complete(out, src, world_size, ep_size)
     return out
 
 
@@ -208,26 +206,26 @@ def reshard_for_resume(path: Path, world_size: int, ep_size: int) -> Path:
     ``<tag>.reshard-w<W>-ep<K>/`` for this run's layout, each rank writing its own shard, and
     return it; a complete earlier result is reused, other earlier ones are deleted."""
     rank = dist.rank()
-    out = path.parent / f"{path.name}.reshard-w{world_size}-ep{ep_size}"
+    out = resharded_dir(path, world_size, ep_size)
     # Every rank must take the same branch: rank 0 decides.
     if not dist.broadcast_object(_complete(out, world_size, ep_size)):
         started = time.perf_counter()
         src = ZeroCheckpoint(path)
         check_layout(src, world_size, ep_size)
+        plan = src.plan(world_size, ep_size)
         if rank == 0:
             # Earlier reshards are copies that their originals reproduce: keep one at a time.
-            for old in path.parent.glob("*.reshard-w*-ep*"):
+            for old in path.parent.glob(RESHARDED):
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
             out.mkdir(parents=True)
         dist.barrier()
-        plan = src.plan(world_size, ep_size)
         write_rank(src, plan, out, rank, ep_size)
         if rank == 0:
             write_common(src, plan, out, world_size, ep_size)
         dist.barrier()
         if rank == 0:
-            write_manifest(out, src, world_size, ep_size)
+            mark_complete(out, src, world_size, ep_size)
             print(f"resharded {path} ({src.world_size} ranks, ep_size {src.ep_size}) for "
                   f"{world_size} ranks, ep_size {ep_size}: {len(src.names())} parameters with "
                   f"their Adam state into {out} in {time.perf_counter() - started:.1f} s",

@@ -1,30 +1,22 @@
 """Sharded checkpoints through DeepSpeed, made atomic, resumable exactly, and pruned.
 
-Layout of ``RUN/checkpoints/``::
-
-    step_<N>/                      DeepSpeed's save_checkpoint files (model + client state,
-                                   layer_*_expert_* files, one ZeRO optimizer shard per rank)
-    step_<N>/omni_ds_manifest.json written by rank 0 after every rank finished: step, world size,
-                                   ep_size, every file with its size
-    latest                         the tag of the newest complete checkpoint, replaced atomically
-
-DeepSpeed's own ``latest`` is written by rank 0 *before* the final barrier, so it can name a tag
-whose other shards are still being written; here it is written only after a barrier and the
-manifest, via rename. A crash mid-save leaves a tag without a manifest, which loading never picks
-and the next save of that tag clears.
+``Checkpointer.save`` writes tag ``step_<N>`` with DeepSpeed's ``save_checkpoint``, then (rank 0,
+after a barrier: every rank's shards are on disk) the manifest and ``latest``, each replaced
+atomically (the layout: :mod:`omni_ds.ckpt.format`). DeepSpeed's own ``latest`` is written by
+rank 0 *before* the final barrier, so it can name a tag whose other shards are still being
+written; it is not written here. A crash mid-save leaves a tag without a manifest, which loading
+never picks and the next save of that tag clears.
 
 DeepSpeed saves no RNG state; every rank's python/numpy/torch(/cuda) RNG and its data-loader
 state are all-gathered into the client state (only rank 0 writes it) and each rank restores its
 own entry. A checkpoint written with another world size or ep_size is first resharded for this
-run into ``step_<N>.reshard-w<W>-ep<K>/`` next to it (:func:`omni_ds.reshard.reshard_for_resume`).
+run into ``step_<N>.reshard-w<W>-ep<K>/`` next to it
+(:func:`omni_ds.ckpt.reshard.reshard_for_resume`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -34,13 +26,19 @@ import numpy as np
 import torch
 
 from omni_ds import dist
+from omni_ds.ckpt.format import (
+    CLIENT_KEY,
+    MANIFEST,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_manifest,
+    step_of,
+    tag_of,
+    write_latest,
+    write_manifest,
+)
 from omni_ds.config.train import CheckpointConfig
 from omni_ds.errors import CheckpointError
-
-MANIFEST = "omni_ds_manifest.json"
-LATEST = "latest"
-CLIENT_KEY = "omni_ds"
-_TAG = re.compile(r"step_(\d+)")
 
 
 def rng_state() -> dict:
@@ -60,55 +58,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def tag_of(step: int) -> str:
-    return f"step_{step}"
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of a complete checkpoint directory, or None when incomplete or damaged."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    for name, size in manifest["files"].items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return None
-    return manifest
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints under ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.iterdir()
-        if (m := _TAG.fullmatch(p.name)) and p.is_dir() and read_manifest(p) is not None
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """What ``latest`` names if complete, else the newest complete checkpoint, else None."""
-    latest = directory / LATEST
-    if latest.is_file():
-        path = directory / latest.read_text().strip()
-        if read_manifest(path) is not None:
-            return path
-    found = complete_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -158,20 +107,8 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
         dist.barrier()  # every rank's shards are on disk
         if self.rank == 0:
-            files = {
-                str(f.relative_to(path)): f.stat().st_size
-                for f in sorted(path.rglob("*"))
-                if f.is_file()
-            }
-            manifest = {
-                "step": step,
-                "world_size": self.world_size,
-                "ep_size": self.ep_size,
-                "files": files,
-                "time": time.time(),
-            }
-            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
-            _write_atomic(self.dir / LATEST, tag)
+            write_manifest(path, step=step, world_size=self.world_size, ep_size=self.ep_size)
+            write_latest(self.dir, tag)
             self._prune(keep=path)
         dist.barrier()
         self._last_save = time.monotonic()
@@ -183,10 +120,10 @@ class Checkpointer:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
         # Incomplete tags older than the newest complete one are debris of crashed saves.
-        newest = int(_TAG.fullmatch(keep.name).group(1))
+        newest = step_of(keep.name)
         for p in self.dir.iterdir():
-            m = _TAG.fullmatch(p.name)
-            if m and int(m.group(1)) < newest and read_manifest(p) is None:
+            step = step_of(p.name)
+            if step is not None and step < newest and read_manifest(p) is None:
                 shutil.rmtree(p, ignore_errors=True)
 
     def resume_path(self, resume: str) -> Path | None:
@@ -217,7 +154,7 @@ class Checkpointer:
         if manifest is None:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
         if (manifest["world_size"], manifest["ep_size"]) != (self.world_size, self.ep_size):
-            # Another layout: rewrite it for this one first (a sibling directory; omni_ds.reshard).
+            # Another layout: rewrite it for this one first, into a sibling directory.
             from omni_ds.ckpt.reshard import reshard_for_resume
 
             path = reshard_for_resume(path, self.world_size, self.ep_size)

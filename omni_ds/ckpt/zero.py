@@ -1,27 +1,23 @@
 """DeepSpeed's ZeRO-1/2 + MoE checkpoint layout: read it for any (world size, ep_size), plan another.
 
-A tag directory written by ``save_checkpoint`` on W ranks with expert-parallel size K holds (see
-:mod:`omni_ds.consolidate` for the model files)::
-
-    mp_rank_00_model_states.pt     module (dense weights), param_shapes, dp_world_size, client state
-    layer_<l>_expert_<e>_mp_rank_00_model_states.pt   one per MoE layer x GLOBAL expert id
-    [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  rank r's ZeRO-1/2 partitions
-
-Each optimizer param group is flattened in parameter order (plus per-parameter alignment padding
+A tag directory written by ``save_checkpoint`` on W ranks with expert-parallel size K holds the
+files :mod:`omni_ds.ckpt.format` lists, among them one ZeRO optimizer shard per rank. Each
+optimizer param group is flattened in parameter order (plus per-parameter alignment padding
 when ``zero_optimization.parameter_alignment`` is on), padded to a multiple of
 ``2 x group size`` and cut into equal partitions, one per rank of the group's data-parallel group:
 all W ranks for dense groups; for expert groups (named ``ep_size_K``), the W/K ranks ``r`` with the
-same expert-parallel rank ``r % K``, whose local expert ``i`` is global expert
-``(r % K) * E_local + i``; partition id ``r // K``. A shard stores, per group, the unpadded fp32
-partition (``single_partition_of_fp32_groups``), the torch optimizer's state over the padded
-partition (``exp_avg``, ``exp_avg_sq`` and a scalar ``step``), the padding, and
-``param_slice_mappings`` (where each parameter's slice sits in the partition). DeepSpeed splits
-expert groups into chunks of at most :data:`MOE_MAX_GROUP_SIZE` values, so the number of groups
-can change with ``ep_size``.
+same expert-parallel rank ``r % K`` (their local expert ids map to global ones by
+:func:`~omni_ds.ckpt.format.global_expert_name`); partition id ``r // K``. A shard stores, per
+group, the unpadded fp32 partition (``single_partition_of_fp32_groups``), the torch optimizer's
+state over the padded partition (``exp_avg``, ``exp_avg_sq`` and a scalar ``step``), the padding,
+and ``param_slice_mappings`` (where each parameter's slice sits in the partition). DeepSpeed
+splits expert groups into chunks of at most :data:`MOE_MAX_GROUP_SIZE` values, so the number of
+groups can change with ``ep_size``.
 
 :class:`ZeroCheckpoint` reads one parameter at a time (its fp32 master and optimizer state, slices
-concatenated across ranks) from memory-mapped shards; :func:`plan_groups` lays parameters out for
-another world size with the same rules, checked against the source's own layout.
+concatenated across ranks, as ``param_slice_mappings`` place them) from memory-mapped shards;
+:func:`plan_groups` lays parameters out for another world size with the same rules, which
+:meth:`ZeroCheckpoint.plan` first checks against the source's own layout.
 """
 
 from __future__ import annotations
@@ -33,21 +29,27 @@ from pathlib import Path
 
 import torch
 
-from omni_ds.ckpt.consolidate import (
+from omni_ds.ckpt.format import (
     EP_GROUP,
     EXPERT_FILE,
-    EXPERT_KEY,
     MAIN_FILE,
     ZERO_FILE,
+    expert_file,
+    expert_name,
+    global_expert_name,
     load_file,
     resolve_tag_dir,
+    split_expert_name,
+    zero_file,
 )
 from omni_ds.errors import CheckpointError
 
-# split_params_into_different_moe_groups_for_optimizer's default, which omni_ds.engine uses
+# split_params_into_different_moe_groups_for_optimizer's default, which omni_ds.train.engine uses
 MOE_MAX_GROUP_SIZE = 178956971
 # DeepSpeed's nccl_start_alignment_factor: flat groups are padded to 2 x data-parallel size
 START_ALIGNMENT = 2
+# what reading a parameter takes from a shard (DeepSpeedZeroOptimizer's and BF16_Optimizer's)
+READ_KEYS = {"base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings"}
 
 
 @dataclasses.dataclass
@@ -99,17 +101,6 @@ def param_alignment_paddings(numels: list[int], alignment: int) -> list[int]:
     return out
 
 
-def split_expert_name(name: str) -> tuple[str, int, str]:
-    m = EXPERT_KEY.match(name)
-    if m is None:
-        raise CheckpointError(f"expert parameter {name!r} has no deepspeed_experts.<i> in its name")
-    return m.group(1), int(m.group(2)), m.group(3)
-
-
-def expert_name(prefix: str, expert: int, suffix: str) -> str:
-    return f"{prefix}{expert}{suffix}"
-
-
 def local_expert_order(names: list[str], experts_per_rank: int) -> list[str]:
     """The local expert parameters of one rank with ``experts_per_rank`` experts per MoE layer,
     in module order (layer by layer, expert by expert), from any rank's list of them."""
@@ -138,12 +129,13 @@ def plan_groups(
 ) -> list[GroupPlan]:
     """Groups for ``world_size`` ranks: each dense group as is, then the local experts (names and
     sizes in module order) in chunks of at most ``max_group_size`` values."""
-    groups = []
-    for group in dense:
-        numels = [n for _, n in group]
-        groups.append(GroupPlan(moe=False, names=[k for k, _ in group], numels=numels,
-                                paddings=param_alignment_paddings(numels, alignment),
-                                dp_size=world_size))  # fmt: skip
+
+    def group(params: list[tuple[str, int]], moe: bool) -> GroupPlan:
+        numels = [n for _, n in params]
+        return GroupPlan(moe=moe, names=[k for k, _ in params], numels=numels,
+                         paddings=param_alignment_paddings(numels, alignment),
+                         dp_size=world_size // ep_size if moe else world_size)  # fmt: skip
+
     chunks: list[list[tuple[str, int]]] = []
     size = 0
     for name, numel in experts:
@@ -152,32 +144,31 @@ def plan_groups(
             size = 0
         chunks[-1].append((name, numel))
         size += numel
-    for chunk in chunks:
-        numels = [n for _, n in chunk]
-        groups.append(GroupPlan(moe=True, names=[k for k, _ in chunk], numels=numels,
-                                paddings=param_alignment_paddings(numels, alignment),
-                                dp_size=world_size // ep_size))  # fmt: skip
-    return groups
+    return [group(params, moe=False) for params in dense] + [group(c, moe=True) for c in chunks]
 
 
 class ZeroCheckpoint:
     """A ZeRO-1/2 (+ MoE) checkpoint tag, opened lazily: shards are memory-mapped and each
-    parameter's values are only read by :meth:`read`."""
+    parameter's values are only read by :meth:`read`.
+
+    Reading needs only the shards' own slice mappings, so it also serves layouts that
+    :meth:`plan` refuses to reshard (e.g. ``round_robin_gradients``, or bf16 ZeRO-1 with fp32
+    gradient accumulation, whose shards DeepSpeed's ``BF16_Optimizer`` writes)."""
 
     def __init__(self, path: str | Path):
         self.tag_dir = resolve_tag_dir(path)
         self.main = load_file(self.tag_dir / MAIN_FILE)
         self.world_size = int(self.main["dp_world_size"])
         self.num_experts = list(self.main.get("num_experts") or [])
-        self.zero_files = self._zero_files()
+        # zero_prefix: "bf16_" when the shards' names start with it (bf16 training), else ""
+        self.zero_prefix, self.zero_files = self._zero_files()
         self.expert_files = self._expert_files()
         self.shards = []
         for f in self.zero_files:
             osd = load_file(f).get("optimizer_state_dict")
-            if not isinstance(osd, dict) or "zero_stage" not in osd:
+            if not isinstance(osd, dict) or not READ_KEYS <= osd.keys():
                 raise CheckpointError(
-                    f"{f} is not a ZeRO stage 1/2 optimizer shard (bf16 + ZeRO-1 with fp32 "
-                    "gradient accumulation, and ZeRO-3, are not supported)"
+                    f"{f} is not a ZeRO stage 1/2 optimizer shard (ZeRO-3 is not supported)"
                 )
             if not isinstance(osd["base_optimizer_state"], dict):
                 raise CheckpointError(
@@ -197,23 +188,24 @@ class ZeroCheckpoint:
                                   f"{len(groups)} optimizer groups of {self.zero_files[0]}")  # fmt: skip
         self.shapes: dict[str, torch.Size] = {}
         self.dense: list[list[tuple[str, int]]] = []
-        local: list[str] = []
+        self.local_experts: list[str] = []
         for moe, group in zip(self.group_moe, shapes):
             sizes = [(k, math.prod(s)) for k, s in group.items()]
             self.shapes.update({k: torch.Size(s) for k, s in group.items()})
             if moe:
-                local += [k for k, _ in sizes]
+                self.local_experts += [k for k, _ in sizes]
             else:
                 self.dense.append(sizes)
+        if len(set(self.num_experts)) > 1:
+            # global ids below are computed with one count of experts per rank for all layers
+            raise CheckpointError(f"{self.tag_dir}: MoE layers with different numbers of experts "
+                                  f"{self.num_experts} are not supported")  # fmt: skip
         total_experts = max(self.num_experts, default=0)
         self.experts_per_rank = total_experts // self.ep_size if total_experts else 0
-        if local and local_expert_order(local, self.experts_per_rank) != local:
-            raise CheckpointError(f"{self.tag_dir}: expert parameters are not in module order")
-        self.local_experts = local
-        self.alignment = self._alignment()
         self._index = self._build_index()
+        self._alignment: int | None = None  # set once the layout rules are checked (plan)
 
-    def _zero_files(self) -> list[Path]:
+    def _zero_files(self) -> tuple[str, list[Path]]:
         found = {int(m.group(1)): p for p in self.tag_dir.iterdir()
                  if (m := ZERO_FILE.fullmatch(p.name))}  # fmt: skip
         if not found:
@@ -223,18 +215,18 @@ class ZeroCheckpoint:
         prefix = "bf16_" if found[min(found)].name.startswith("bf16_") else ""
         missing = [r for r in range(self.world_size) if r not in found]
         if missing:
-            names = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in missing]
+            names = [zero_file(r, prefix) for r in missing]
             raise CheckpointError(
                 f"{self.tag_dir}: missing ZeRO shard(s) {', '.join(names)} of the "
                 f"{self.world_size} ranks that wrote it; the checkpoint is incomplete"
             )
-        return [found[r] for r in range(self.world_size)]
+        return prefix, [found[r] for r in range(self.world_size)]
 
     def _expert_files(self) -> list[Path]:
         files = []
         for layer, count in enumerate(self.num_experts):
             for e in range(count):
-                f = self.tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+                f = self.tag_dir / expert_file(layer, e)
                 if not f.is_file():
                     raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
                 files.append(f)
@@ -244,7 +236,28 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{self.tag_dir}: unexpected expert files {sorted(extra)}")
         return files
 
-    def _alignment(self) -> int:
+    def _build_index(self) -> dict[str, list[tuple[int, int, int, int]]]:
+        """Global name -> [(rank, group, start, numel)] in partition order."""
+        index: dict[str, list[tuple[int, int, int, int, int]]] = {}
+        for rank, shard in enumerate(self.shards):
+            ep_rank = rank % self.ep_size
+            for g, (moe, mapping) in enumerate(zip(self.group_moe, shard["param_slice_mappings"])):
+                part = rank // self.ep_size if moe else rank
+                for name, address in mapping.items():
+                    if moe:
+                        name = global_expert_name(name, ep_rank, self.experts_per_rank)
+                    index.setdefault(name, []).append((part, rank, g, address.start, address.numel))
+        return {k: [v[1:] for v in sorted(parts)] for k, parts in index.items()}
+
+    def _check_layout_rules(self) -> int:
+        """The parameter alignment, once the source layout is what :func:`plan_groups` gives for
+        its own world size and ep_size (the rules hold for this DeepSpeed version and config)."""
+        for f, shard in zip(self.zero_files, self.shards):
+            if "zero_stage" not in shard:  # BF16_Optimizer's shards differ from ZeRO's
+                raise CheckpointError(
+                    f"{f} is not a ZeRO stage 1/2 optimizer shard (bf16 + ZeRO-1 with fp32 "
+                    "gradient accumulation is not supported for resharding)"
+                )
         ds_config = self.main.get("ds_config") or {}
         zero = ds_config.get("zero_optimization") or {}
         if zero.get("round_robin_gradients"):
@@ -252,41 +265,19 @@ class ZeroCheckpoint:
                 f"{self.tag_dir}: zero_optimization.round_robin_gradients reorders parameters; "
                 "resharding supports it off (the default)"
             )
-        if not zero.get("parameter_alignment"):
-            return 1
-        dtypes = [t.dtype for t in self.main["module"].values() if t.is_floating_point()]
-        size = torch.tensor([], dtype=dtypes[0] if dtypes else torch.float32).element_size()
-        return 16 // math.gcd(16, size)
-
-    def global_name(self, local: str, ep_rank: int) -> str:
-        prefix, i, suffix = split_expert_name(local)
-        return expert_name(prefix, ep_rank * self.experts_per_rank + i, suffix)
-
-    def plan(self, world_size: int, ep_size: int) -> list[GroupPlan]:
-        """Group layout for ``world_size`` ranks with ``ep_size`` (local expert names)."""
-        per_rank = self.experts_per_rank * self.ep_size // ep_size
-        experts = [(k, self.shapes[self._local_of(k)].numel())
-                   for k in local_expert_order(self.local_experts, per_rank)]  # fmt: skip
-        return plan_groups(self.dense, experts, world_size=world_size, ep_size=ep_size,
-                           alignment=self.alignment)  # fmt: skip
-
-    def _local_of(self, name: str) -> str:
-        """The source rank-0 local name with the same shape as ``name`` (experts are alike)."""
-        if name in self.shapes:
-            return name
-        prefix, _, suffix = split_expert_name(name)
-        return expert_name(prefix, 0, suffix)
-
-    def _build_index(self) -> dict[str, list[tuple[int, int, int, int]]]:
-        """Global name -> [(rank, group, start, numel)] in partition order; the source layout is
-        checked against :meth:`plan` (same rules, same world size) on the way."""
-        plan = self.plan(self.world_size, self.ep_size)
+        alignment = 1
+        if zero.get("parameter_alignment"):
+            dtypes = [t.dtype for t in self.main["module"].values() if t.is_floating_point()]
+            size = torch.tensor([], dtype=dtypes[0] if dtypes else torch.float32).element_size()
+            alignment = 16 // math.gcd(16, size)
+        local = self.local_experts
+        if local and local_expert_order(local, self.experts_per_rank) != local:
+            raise CheckpointError(f"{self.tag_dir}: expert parameters are not in module order")
+        plan = self._plan(self.world_size, self.ep_size, alignment)
         if len(plan) != len(self.group_moe):
             raise CheckpointError(f"{self.tag_dir}: {len(self.group_moe)} optimizer groups, "
                                   f"the layout rules give {len(plan)}")  # fmt: skip
-        index: dict[str, list[tuple[int, int, int, int]]] = {}
         for rank, (shard, path) in enumerate(zip(self.shards, self.zero_files)):
-            ep_rank = rank % self.ep_size
             for g, (group, mapping) in enumerate(zip(plan, shard["param_slice_mappings"])):
                 part = rank // self.ep_size if group.moe else rank
                 expected = {k: (s, n) for k, (s, n, _) in group.fragments(part).items()}
@@ -296,10 +287,28 @@ class ZeroCheckpoint:
                         f"{path}: group {g}'s partition layout differs from DeepSpeed's rules "
                         "as omni-ds knows them (DeepSpeed version or config not supported)"
                     )
-                for name, (start, numel) in saved.items():
-                    key = self.global_name(name, ep_rank) if group.moe else name
-                    index.setdefault(key, []).append((part, rank, g, start, numel))
-        return {k: [v[1:] for v in sorted(parts)] for k, parts in index.items()}
+        return alignment
+
+    def plan(self, world_size: int, ep_size: int) -> list[GroupPlan]:
+        """Group layout for ``world_size`` ranks with ``ep_size`` (local expert names); raises
+        :class:`CheckpointError` when the source layout itself does not follow the rules."""
+        if self._alignment is None:
+            self._alignment = self._check_layout_rules()
+        return self._plan(world_size, ep_size, self._alignment)
+
+    def _plan(self, world_size: int, ep_size: int, alignment: int) -> list[GroupPlan]:
+        per_rank = self.experts_per_rank * self.ep_size // ep_size
+        experts = [(k, self.shapes[self._local_of(k)].numel())
+                   for k in local_expert_order(self.local_experts, per_rank)]  # fmt: skip
+        return plan_groups(self.dense, experts, world_size=world_size, ep_size=ep_size,
+                           alignment=alignment)  # fmt: skip
+
+    def _local_of(self, name: str) -> str:
+        """The source rank-0 local name with the same shape as ``name`` (experts are alike)."""
+        if name in self.shapes:
+            return name
+        prefix, _, suffix = split_expert_name(name)
+        return expert_name(prefix, 0, suffix)
 
     def names(self) -> list[str]:
         """Every trainable parameter's global name: dense groups, then experts."""
@@ -321,10 +330,9 @@ class ZeroCheckpoint:
                 if torch.is_tensor(value) and value.dim() == 1:
                     out.setdefault(key, []).append(value.narrow(0, start, numel))
         shape = self.shape(name)
-        result = {k: torch.cat(v).float().view(shape) for k, v in out.items()}
-        if result["fp32"].numel() != shape.numel():
+        if sum(t.numel() for t in out["fp32"]) != shape.numel():
             raise CheckpointError(f"{self.tag_dir}: {name!r} is incomplete in the ZeRO shards")
-        return result
+        return {k: torch.cat(v).float().view(shape) for k, v in out.items()}
 
     def value_keys(self, g: int) -> list[str]:
         """Optimizer state keys of group ``g`` stored per value (``exp_avg``, ``exp_avg_sq``)."""

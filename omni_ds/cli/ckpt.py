@@ -35,19 +35,23 @@ def _size(paths) -> str:
 
 
 def inspect(path: str) -> None:
+    from omni_ds.ckpt.format import CLIENT_KEY, EXPERT_KEY, MAIN_FILE
     from omni_ds.ckpt.zero import ZeroCheckpoint
 
     ckpt = ZeroCheckpoint(path)
     main = ckpt.main
-    client = main.get("omni_ds") or {}
+    client = main.get(CLIENT_KEY) or {}
     names = ckpt.names()
-    experts = [n for n in names if "deepspeed_experts." in n]
+    experts = [n for n in names if EXPERT_KEY.match(n)]
+    # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1, fp32 gradient accumulation) records no stage
+    stage = ckpt.shards[0].get("zero_stage")
+    optimizer = f"ZeRO stage {int(stage)}" if stage is not None else "BF16_Optimizer (ZeRO-1)"
     numel = {n: ckpt.shape(n).numel() for n in names}
     dtypes = sorted({str(t.dtype) for t in main["module"].values() if t.is_floating_point()})
     print(f"{ckpt.tag_dir}: step {client.get('step', main.get('global_steps'))} "
           f"(DeepSpeed global_steps {main.get('global_steps')}, ds_version {main.get('ds_version')})")  # fmt: skip
     print(f"layout: world size {ckpt.world_size}, ep_size {ckpt.ep_size}, "
-          f"ZeRO stage {int(ckpt.shards[0]['zero_stage'])}, module {'/'.join(dtypes)}")  # fmt: skip
+          f"{optimizer}, module {'/'.join(dtypes)}")  # fmt: skip
     print(f"parameters: {len(names)} tensors, {sum(numel.values()):,} values; dense "
           f"{len(names) - len(experts)} tensors ({sum(numel.values()) - sum(numel[n] for n in experts):,} values)")  # fmt: skip
     if ckpt.num_experts:
@@ -58,7 +62,7 @@ def inspect(path: str) -> None:
         print(f"shared: {len(shared)} aliases of {sorted(set(shared.values()))}")
     keys = sorted({k for g in range(len(ckpt.group_moe)) for k in ckpt.value_keys(g)})
     print(f"optimizer: {len(ckpt.group_moe)} groups, state {['fp32', *keys]}")
-    print(f"files: main {_size([ckpt.tag_dir / 'mp_rank_00_model_states.pt'])}, "
+    print(f"files: main {_size([ckpt.tag_dir / MAIN_FILE])}, "
           f"{len(ckpt.expert_files)} expert files {_size(ckpt.expert_files)}, "
           f"{len(ckpt.zero_files)} ZeRO shards {_size(ckpt.zero_files)}")  # fmt: skip
 

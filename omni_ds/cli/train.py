@@ -11,8 +11,9 @@ The run directory (``train.run_dir``) receives the resolved ``config.yaml``, ``m
 ``tensorboard/`` and ``checkpoints/``.
 
 Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
-the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems;
-1 any other error.
+the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems, or
+a checkpoint that cannot be resumed (e.g. a damaged one that must be resharded for this world
+size), each said in one line; 1 any other error.
 """
 
 from __future__ import annotations
@@ -47,4 +48,4 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except CheckpointError as e:
         print(f"cannot resume: {e}", file=sys.stderr)
-        return 1
+        return 2
