@@ -77,7 +77,7 @@ def consolidate(path: str | Path) -> Consolidated:
         for name in shards.names():
             if name not in state:
                 raise CheckpointError(f"{tag_dir}: ZeRO shards hold {name!r}, the module does not")
-            flat = shards.read(name)["fp32"]
+            flat = shards.read(name, masters_only=True)["fp32"]
             if flat.numel() != state[name].numel():
                 raise CheckpointError(
                     f"{tag_dir}: {name!r} has {flat.numel()} fp32 values in the ZeRO shards but "

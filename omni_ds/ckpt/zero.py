@@ -317,15 +317,18 @@ class ZeroCheckpoint:
     def shape(self, name: str) -> torch.Size:
         return self.shapes[self._local_of(name)]
 
-    def read(self, name: str) -> dict[str, torch.Tensor]:
+    def read(self, name: str, *, masters_only: bool = False) -> dict[str, torch.Tensor]:
         """``{"fp32": master, <state key>: value, ...}`` of one parameter (global name), shaped
-        like it; optimizer state keys are those stored per value (``exp_avg``, ``exp_avg_sq``)."""
+        like it; optimizer state keys are those stored per value (``exp_avg``, ``exp_avg_sq``).
+        ``masters_only`` reads the fp32 master alone (what consolidation needs)."""
         out: dict[str, list[torch.Tensor]] = {}
         for rank, g, start, numel in self._index[name]:
             shard = self.shards[rank]
             out.setdefault("fp32", []).append(
                 shard["single_partition_of_fp32_groups"][g].narrow(0, start, numel)
             )
+            if masters_only:
+                continue
             for key, value in shard["base_optimizer_state"]["state"][g].items():
                 if torch.is_tensor(value) and value.dim() == 1:
                     out.setdefault(key, []).append(value.narrow(0, start, numel))
