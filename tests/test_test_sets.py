@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_bad_data import write_tar
 from test_loader import all_keys, write_corpus
 
 from data_pipeline.config import DataConfig
@@ -44,14 +44,6 @@ def encoded(audio: np.ndarray, ext: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, audio, 16000, format=fmt, subtype=subtype)
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def write_shard(path: Path, items, ext: str = "flac") -> None:
