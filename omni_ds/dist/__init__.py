@@ -9,6 +9,7 @@ from omni_ds.dist.collectives import (
     mean_over_ranks,
     rank,
     sum_counts_over_ranks,
+    sum_over_group,
     sum_over_ranks,
     world_size,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "shutdown",
     "slurm_first_host",
     "sum_counts_over_ranks",
+    "sum_over_group",
     "sum_over_ranks",
     "world_size",
 ]

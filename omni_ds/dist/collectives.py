@@ -67,6 +67,15 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def sum_over_group(value: float, group) -> float:
+    """``value`` summed over the ranks of ``group`` (e.g. one expert-parallel group)."""
+    if not tdist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    tdist.all_reduce(t, group=group)
+    return float(t.item())
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Every value averaged over ranks (every rank passes the same keys)."""
     return {k: v / world_size() for k, v in sum_over_ranks(values).items()}

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from omni_ds import dist
+
 # Peak dense bf16 TFLOP/s per GPU (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -80,14 +82,11 @@ def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
             experts[p.group_name] = experts.get(p.group_name, 0) + sq
         else:
             dense += sq
-    total = dense
+    total = float(dense)
     for name, sq in sorted(experts.items()):
-        if tdist.is_initialized():
-            group = groups._get_expert_parallel_group(name)
-            sq = sq.clone()
-            tdist.all_reduce(sq, group=group)
-        total = total + sq
-    return float(total.sqrt())
+        group = groups._get_expert_parallel_group(name) if tdist.is_initialized() else None
+        total += dist.sum_over_group(float(sq), group)
+    return math.sqrt(total)
 
 
 class JsonLines:
