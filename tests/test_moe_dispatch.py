@@ -1,5 +1,8 @@
 """omni_ds.dispatch: the padding-free grouped dispatch equals DeepSpeed's stock dispatch.
 
+(With two ranks, also with the ``grouped_mm`` expert kernel; ``test_expert_kernel.py`` compares
+the kernels in one process.)
+
 Same routing, fresh random inputs, top-1/top-2, with and without capacity drops, skewed routing,
 for ep_size 1 (in process) and 2 (two gloo ranks, all-to-all with split sizes); outputs and the
 gradients of inputs, router and experts are compared.
@@ -20,11 +23,11 @@ CASES = [(k, dropless) for k in (1, 2) for dropless in (False, True)]
 IDS = [f"top{k}-{'dropless' if d else 'drops'}" for k, d in CASES]
 
 
-def layer(k, dropless, dispatch, ep_size=1, seed=0) -> MoEFeedForward:
+def layer(k, dropless, dispatch, ep_size=1, seed=0, kernel="auto") -> MoEFeedForward:
     torch.manual_seed(seed)
     cfg = MoEConfig(
         router="switch", num_experts=E, top_k=k, dropless=dropless, capacity_factor=0.7,
-        ep_size=ep_size, dispatch=dispatch,
+        ep_size=ep_size, dispatch=dispatch, expert_kernel=kernel,
     )  # fmt: skip
     ffn = MoEFeedForward(cfg, D, F, router=Router(cfg, D))
     for expert in ffn.experts:  # DeepSpeed deep-copies one expert: make them differ
@@ -81,6 +84,7 @@ def _ep2_worker(k: int, dropless: bool) -> dict[str, float]:
         reference = layer(k, dropless, "stock", ep_size=1)
         local = E // 2
         layers = {d: layer(k, dropless, d, ep_size=2) for d in ("grouped", "stock")}
+        layers["grouped_mm"] = layer(k, dropless, "grouped", ep_size=2, kernel="grouped_mm")
         for ffn in layers.values():
             ffn.router.load_state_dict(reference.router.state_dict())
             for j, expert in enumerate(ffn.experts):
@@ -115,6 +119,7 @@ def _ep2_worker(k: int, dropless: bool) -> dict[str, float]:
 def test_grouped_and_stock_equal_single_process_with_two_expert_parallel_ranks(k, dropless):
     per_rank = run_function(_ep2_worker, nprocs=2, args=(k, dropless), timeout=180)
     for rank, diffs in enumerate(per_rank):
-        assert any(n.startswith("grouped:moe.deepspeed_moe.experts") for n in diffs)
+        for kernel in ("grouped", "grouped_mm"):
+            assert any(n.startswith(f"{kernel}:moe.deepspeed_moe.experts") for n in diffs)
         bad = {n: d for n, d in diffs.items() if d > 1e-6}
         assert not bad, f"rank {rank}: {bad}"

@@ -93,6 +93,11 @@ class MoEConfig:
     """Expert-parallel group size: each rank holds num_experts / ep_size experts of every layer."""
     dispatch: Literal["grouped", "stock"] = "grouped"
     """``grouped``: exact per-expert counts; ``stock``: DeepSpeed's dense capacity buffer."""
+    expert_kernel: Literal["auto", "loop", "grouped_mm"] = "auto"
+    """How ``grouped`` dispatch runs the experts: ``loop`` (one GEMM per expert), ``grouped_mm``
+    (``torch._grouped_mm``, one GEMM for all; d_model and d_ff multiples of 8) or ``auto``: the
+    one measured faster on the device (the loop on CPUs, the grouped GEMM for bf16 on CUDA GPUs
+    of compute capability 9.0+ where this torch runs it; ``omni_ds.model.dispatch``)."""
     router_bias: bool = False
     """Give the router a bias (E values) besides its E x d weight."""
     use_rts: bool = False
@@ -108,6 +113,10 @@ class MoEConfig:
             bad("router", "use dense, switch or omni")
         if self.dispatch not in ("grouped", "stock"):
             bad("dispatch", "use grouped or stock")
+        if self.expert_kernel not in ("auto", "loop", "grouped_mm"):
+            bad("expert_kernel", "use auto, loop or grouped_mm")
+        if self.dispatch == "stock" and self.expert_kernel != "auto":
+            bad("expert_kernel", "applies to dispatch: grouped only; drop it or use grouped")
         if self.num_experts < 1:
             bad("num_experts", "use at least 1")
         if self.top_k not in (1, 2):
@@ -167,6 +176,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_heads: d_model {self.d_model} / n_heads {self.n_heads} must be an even "
                 "integer; pick n_heads so that d_model = n_heads × an even head size"
+            )
+        if self.moe.expert_kernel == "grouped_mm" and (self.d_model % 8 or self.d_ff % 8):
+            raise ConfigError(
+                f"model.moe.expert_kernel = 'grouped_mm' needs d_model ({self.d_model}) and "
+                f"d_ff ({self.d_ff}) to be multiples of 8 (16-byte rows); use expert_kernel: auto"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: {self.dropout} is outside [0, 1); use e.g. 0.1")

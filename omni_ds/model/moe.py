@@ -154,7 +154,8 @@ class MoEFeedForward(nn.Module):
                 "deepspeed.initialize, or call set_deepspeed_parallelism() on each MoE"
             )
         if self.cfg.dispatch == "grouped":
-            out = grouped_dispatch(tokens, routing, self.experts, ep_group, self.cfg.ep_size)
+            out = grouped_dispatch(tokens, routing, self.experts, ep_group, self.cfg.ep_size,
+                                   self.cfg.expert_kernel)  # fmt: skip
         else:
             out = self._stock_dispatch(tokens, routing, ep_group)
         if real is not None:
