@@ -19,15 +19,17 @@ def _fail(key: str, value, fix: str) -> None:
 class DataConfig:
     """Training and dev shards, filters, dynamic batching and the loader's workers."""
 
-    train: list[Path] = dataclasses.field(default_factory=lambda: [Path("data/synth/train")])
-    """Shard directories of the training corpus, each with the ``index.json`` that
-    ``omni-ds make-shards`` / ``omni-ds synth`` write; their samples are pooled."""
-    dev: dict[str, Path] = dataclasses.field(
-        default_factory=lambda: {"dev": Path("data/synth/dev")}
-    )
-    """Dev sets by name (shard directories, or any input ``omni-ds eval`` reads), read by
+    train: list[str] = dataclasses.field(default_factory=lambda: ["data/synth/train"])
+    """Shard sources of the training corpus, pooled: shard directories, ``.tar`` files, brace
+    patterns (``shards/shard-{000000..000099}.tar``) or globs (``data_pipeline.sources``); an
+    index missing is built (``omni-ds make-shards`` / ``omni-ds synth`` write one)."""
+    dev: dict[str, str] = dataclasses.field(default_factory=lambda: {"dev": "data/synth/dev"})
+    """Dev sets by name (shard sources, or any input ``omni-ds eval`` reads), read by
     ``data_pipeline.ordered``: every utterance once, in order, unfiltered; batched under
     ``max_batch_seconds``/``max_batch_size``; unusable samples skipped and counted."""
+    text_key: str = "text"
+    """The key of the transcript in the shards' ``<key>.json`` labels (``<key>.txt`` labels are
+    the transcript itself)."""
     tokenizer: Path = Path("data/synth/tokenizer.model")
     """SentencePiece model (``omni-ds train-tokenizer``); the model's ``vocab_size`` must be at
     least its size."""
@@ -59,6 +61,10 @@ class DataConfig:
     with the worst shards named; filtered samples do not count."""
     error_rate_min_samples: int = 200
     """Samples read before the error-rate ceiling applies (avoids stopping on the first one)."""
+    max_unk_rate: float = 0.01
+    """Share of transcripts the tokenizer maps (partly) to ``<unk>`` (skip reason ``unk_target``)
+    that stops the run: the tokenizer does not fit the corpus (after
+    ``error_rate_min_samples`` samples)."""
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -86,7 +92,10 @@ class DataConfig:
                 _fail(key, getattr(self, key), "use a positive integer")
         if self.num_workers < 0:
             _fail("num_workers", self.num_workers, "use 0 (no workers) or more")
-        if not 0 <= self.max_error_rate <= 1:
-            _fail("max_error_rate", self.max_error_rate, "use a share between 0 and 1")
+        for key in ("max_error_rate", "max_unk_rate"):
+            if not 0 <= getattr(self, key) <= 1:
+                _fail(key, getattr(self, key), "use a share between 0 and 1")
+        if not self.text_key:
+            _fail("text_key", self.text_key, "name the JSON key of the transcript, e.g. text")
         if self.error_rate_min_samples < 1:
             _fail("error_rate_min_samples", self.error_rate_min_samples, "use a positive count")

@@ -3,16 +3,20 @@
 ``DIR/index.json`` (written by ``omni-ds make-shards``, ``omni-ds synth``, or
 ``omni-ds make-shards --index-only DIR`` for shards made by other tools)::
 
-    {"version": 1, "sample_rate": 16000,
+    {"version": 1, "sample_rate": 16000, "text_key": "text",
      "shards": [{"name": "shard-000000.tar", "num_samples": 812, "duration": 2391.4,
                  "bytes": 61234176, "sha256": "...",
                  "samples": [[key, seconds, chars, pl_confidence, audio_offset, audio_size,
-                              json_offset, json_size, audio_ext], ...],
+                              label_offset, label_size, audio_ext(, "txt")], ...],
                  "bad": [[key, reason], ...]}]}
 
 Sample rows give byte offsets of the members' data inside the tar, so a reader fetches exactly one
 utterance; ``bad`` lists samples the scan found unusable (unpaired or damaged members, unreadable
 labels, empty transcripts, audio headers that do not parse), which readers count as skipped.
+A sample's label is ``<key>.json`` (its transcript under ``text_key``, default ``text``) or, where
+a sample has no JSON, ``<key>.txt`` (the whole member is the transcript; the row then ends with
+``"txt"``). ``name`` is relative to the index's directory (``sub/shard-0.tar`` for shards that
+``data_pipeline.sources`` gathered from several folders).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -30,6 +35,9 @@ INDEX_FILE = "index.json"
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "opus")  # what soundfile (libsndfile) decodes
 # Column order of a sample row.
 KEY, SECONDS, CHARS, CONFIDENCE, AUDIO_OFF, AUDIO_SIZE, JSON_OFF, JSON_SIZE, AUDIO_EXT = range(9)
+LABEL_EXT = 9
+"""Present (``"txt"``) only in rows whose label is a ``.txt`` member."""
+LABEL_EXTS = ("json", "txt")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -39,21 +47,31 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def parse_label(raw: bytes) -> dict:
-    """A sample's JSON label; raises :class:`AudioError` with reason ``bad_label``/``empty_text``."""
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AudioError("bad_label", f"label is not UTF-8 JSON: {e}") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
-        raise AudioError("bad_label", "label has no 'text' string")
+def parse_label(raw: bytes, text_key: str = "text", ext: str = "json") -> dict:
+    """A sample's label as a dict whose ``text`` is the transcript (from ``text_key`` of a JSON
+    label, or the whole of a ``txt`` one); raises :class:`AudioError` with reason
+    ``bad_label``/``empty_text``."""
+    if ext == "txt":
+        try:
+            meta = {"text": raw.decode("utf-8").strip()}
+        except UnicodeDecodeError as e:
+            raise AudioError("bad_label", f"label is not UTF-8 text: {e}") from e
+    else:
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AudioError("bad_label", f"label is not UTF-8 JSON: {e}") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get(text_key), str):
+            raise AudioError("bad_label", f"label has no {text_key!r} string")
+        meta["text"] = meta[text_key]
     if not meta["text"].strip():
         raise AudioError("empty_text", "empty transcript")
     return meta
 
 
-def scan_shard(path: Path) -> dict:
-    """Index one tar shard (see the module docstring); never raises on damaged content."""
+def scan_shard(path: Path, name: str | None = None, text_key: str = "text") -> dict:
+    """Index one tar shard (see the module docstring) under ``name`` (default: the file name);
+    never raises on damaged content."""
     data = path.read_bytes()
     members: dict[str, dict[str, tuple[int, int]]] = {}
     try:
@@ -68,12 +86,13 @@ def scan_shard(path: Path) -> dict:
     samples, bad = [], []
     for key, parts in members.items():
         ext = next((e for e in AUDIO_EXTS if e in parts), None)
-        if ext is None or "json" not in parts or any(o + s > len(data) for o, s in parts.values()):
+        label_ext = next((e for e in LABEL_EXTS if e in parts), None)
+        if ext is None or label_ext is None or any(o + s > len(data) for o, s in parts.values()):
             bad.append([key, "corrupt_member"])
             continue
-        (a_off, a_size), (j_off, j_size) = parts[ext], parts["json"]
+        (a_off, a_size), (j_off, j_size) = parts[ext], parts[label_ext]
         try:
-            meta = parse_label(data[j_off : j_off + j_size])
+            meta = parse_label(data[j_off : j_off + j_size], text_key, label_ext)
             rate, frames = header(data[a_off : a_off + a_size])
             declared = meta.get("sample_rate")
             if rate < MIN_SAMPLE_RATE or (declared is not None and declared != rate):
@@ -90,9 +109,9 @@ def scan_shard(path: Path) -> dict:
             len(meta["text"]),
             None if conf is None else float(conf),
         ]
-        samples.append([*row, a_off, a_size, j_off, j_size, ext])
+        samples.append([*row, a_off, a_size, j_off, j_size, ext] + ["txt"] * (label_ext == "txt"))
     return {
-        "name": path.name,
+        "name": name or path.name,
         "num_samples": len(samples),
         "duration": round(sum(s[SECONDS] for s in samples), 3),
         "bytes": len(data),
@@ -102,31 +121,46 @@ def scan_shard(path: Path) -> dict:
     }
 
 
-def write_index(directory: Path, shards: list[dict]) -> Path:
-    """Write ``DIR/index.json`` for ``shards`` (as :func:`scan_shard` returns them)."""
+def write_index(directory: Path, shards: list[dict], text_key: str = "text",
+                path: Path | None = None) -> Path:  # fmt: skip
+    """Write ``DIR/index.json`` (or ``path``) for ``shards`` (as :func:`scan_shard` returns them)."""
     index = {"version": 1, "sample_rate": SAMPLE_RATE, "shards": shards}
-    path = directory / INDEX_FILE
-    tmp = path.with_suffix(".tmp")
+    if text_key != "text":
+        index["text_key"] = text_key
+    path = path or directory / INDEX_FILE
+    # A per-process temporary name: ranks that index the same shards never share one.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, separators=(",", ":")))
     tmp.replace(path)
     return path
 
 
-def scan_directory(directory: Path, progress: bool = False) -> list[dict]:
+def scan_shards(directory: Path, shards: list[Path], text_key: str = "text",
+                progress: bool = False) -> list[dict]:  # fmt: skip
+    """:func:`scan_shard` of ``shards`` (named relative to ``directory``); writes nothing."""
+    from data_pipeline.progress import progress_bar
+
+    names = [os.path.relpath(p, directory) for p in shards]
+    bar = progress_bar(len(shards), f"index {directory.name or directory}", "shard", progress)
+    out = []
+    for p, name in zip(shards, names):
+        out.append(scan_shard(p, name, text_key))
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def scan_directory(directory: Path, progress: bool = False, text_key: str = "text") -> list[dict]:
     """:func:`scan_shard` of every ``*.tar`` in ``directory``, in name order; writes nothing."""
     shards = sorted(directory.glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"{directory} holds no *.tar shards")
-    if progress:
-        from tqdm import tqdm
-
-        shards = tqdm(shards, desc=f"index {directory.name}", unit="shard")
-    return [scan_shard(p) for p in shards]
+    return scan_shards(directory, shards, text_key, progress)
 
 
-def index_directory(directory: Path, progress: bool = False) -> Path:
+def index_directory(directory: Path, progress: bool = False, text_key: str = "text") -> Path:
     """Scan every ``*.tar`` in ``directory`` (name order) and write its index."""
-    return write_index(directory, scan_directory(directory, progress))
+    return write_index(directory, scan_directory(directory, progress, text_key), text_key)
 
 
 @dataclasses.dataclass
@@ -135,6 +169,8 @@ class ShardSet:
 
     directory: Path
     shards: list[dict]
+    text_key: str = "text"
+    """Where the transcript is in the shards' JSON labels."""
 
     @property
     def num_samples(self) -> int:
@@ -145,9 +181,10 @@ class ShardSet:
         return sum(s["duration"] for s in self.shards)
 
 
-def load_index(directory: str | Path) -> ShardSet:
+def load_index(directory: str | Path, path: Path | None = None) -> ShardSet:
+    """The shards of ``DIR/index.json`` (or of the index at ``path``, for shards in ``DIR``)."""
     directory = Path(directory)
-    path = directory / INDEX_FILE
+    path = path or directory / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist; write shards with `omni-ds make-shards`, or index existing "
@@ -156,4 +193,4 @@ def load_index(directory: str | Path) -> ShardSet:
     index = json.loads(path.read_text())
     if index.get("version") != 1:
         raise ValueError(f"{path}: unknown index version {index.get('version')!r}")
-    return ShardSet(directory, index["shards"])
+    return ShardSet(directory, index["shards"], index.get("text_key", "text"))

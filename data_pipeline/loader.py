@@ -18,7 +18,8 @@ rank's state resumes any world size.
 
 Unusable samples are skipped and counted per reason (:meth:`skipped`); when more than
 ``max_error_rate`` of the samples read are unusable, :class:`DataError` stops the run naming the
-worst shards.
+worst shards, and when more than ``max_unk_rate`` have ``<unk>`` in their targets, naming the
+tokenizer. Sources with no usable sample at all are refused when the loader is built.
 """
 
 from __future__ import annotations
@@ -27,14 +28,39 @@ from collections import Counter
 from collections.abc import Iterator
 
 from data_pipeline.config import DataConfig
-from data_pipeline.index import load_index
 from data_pipeline.plan import Catalog, apply_filters, plan_epoch, share_of_rank
-from data_pipeline.reader import ERROR_REASONS, BatchReader, DataError, PlannedBatches
+from data_pipeline.reader import (
+    ERROR_REASONS,
+    UNK_REASON,
+    BatchReader,
+    DataError,
+    PlannedBatches,
+)
+from data_pipeline.sources import open_shards
 from data_pipeline.workers import worker_batches
 
 __all__ = ["DataError", "SpeechLoader"]
 
 STATE_VERSION = 2
+
+
+def no_usable_samples(sources, reasons: list[str]) -> str:
+    """The message for sources that leave no sample to train on."""
+    return (
+        f"{', '.join(map(str, sources))}: no usable sample ({len(reasons)} left out: "
+        f"{dict(Counter(reasons)) or 'the shards hold no samples'}); fix the shards or the "
+        "data filters (min_duration, max_duration, chars per second, min_pl_confidence)"
+    )
+
+
+def unk_message(unk: int, read: int, ceiling: float, tokenizer) -> str:
+    """The message for transcripts the tokenizer does not cover."""
+    return (
+        f"{unk} of {read} transcripts have <unk> in their targets, above data.max_unk_rate="
+        f"{ceiling}: the tokenizer {tokenizer} was trained on other text. Train one on these "
+        "shards (`omni-ds train-tokenizer SHARDS --vocab N --out PREFIX`, then set "
+        "data.tokenizer and model.vocab_size), or raise data.max_unk_rate"
+    )
 
 
 class SpeechLoader:
@@ -54,8 +80,11 @@ class SpeechLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
-        self.catalog = Catalog.from_sets([load_index(d) for d in cfg.train])
+        sets = [open_shards(spec, cfg.text_key, progress=rank == 0) for spec in cfg.train]
+        self.catalog = Catalog.from_sets(sets)
         self.kept, self._plan_skips = apply_filters(self.catalog, cfg)
+        if not len(self.kept):
+            raise DataError(no_usable_samples(cfg.train, self._plan_skips))
         self.reader = BatchReader(self.catalog, tokenizer)
         self.epoch = 0
         self._segments = [[world_size, 0]]
@@ -126,6 +155,12 @@ class SpeechLoader:
                 f"worst shards: {worst or 'none (bad entries in the index)'}. Fix or re-create "
                 "those shards, or raise data.max_error_rate"
             )
+        unk = self._skipped[UNK_REASON]
+        if (
+            self._read >= self.cfg.error_rate_min_samples
+            and unk > self.cfg.max_unk_rate * self._read
+        ):
+            raise DataError(unk_message(unk, self._read, self.cfg.max_unk_rate, self.cfg.tokenizer))
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped on this rank so far, per reason (cumulative over epochs)."""

@@ -3,54 +3,26 @@
 | format | INPUT | audio | transcript |
 | --- | --- | --- | --- |
 | NeMo manifest | ``*.json`` / ``*.jsonl`` file | ``audio_filepath`` (+ ``offset``/``duration``) | ``text`` |
+| NeMo tarred | ``tarred_audio_manifest.json`` (or its directory) + ``audio_N.tar`` | member ``audio_filepath`` of ``audio_<shard_id>.tar`` | ``text`` |
+| Lhotse CutSet | ``*.jsonl`` / ``*.jsonl.gz`` of cuts (``data_pipeline.cuts``) | each supervision's span of its recording | supervision ``text`` |
 | LibriSpeech tree | directory with ``*/*/*.trans.txt`` | ``<utt>.flac`` beside the transcript | ``UTT TEXT`` lines |
 | Kaldi data dir | directory with ``wav.scp`` + ``text`` | ``wav.scp`` paths, cut by ``segments`` | ``text`` |
 
 Other fields of a NeMo line (``pl_confidence``, ``pl_teacher``, speaker, ...) and Kaldi's
-``utt2spk`` are kept as metadata. Entries that cannot be used (no audio path, a pipe command in
+``utt2spk`` are kept as metadata; a NeMo line's ``channel`` (0-based, or ``mix``) chooses the
+channel of multi-channel audio (``data_pipeline.audio.select_channel``). Entries that cannot be used (no audio path, a pipe command in
 ``wav.scp``, non-UTF-8 lines, duplicate keys) are returned as problems for the report, never dropped
 silently.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from pathlib import Path
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+from data_pipeline.records import Problem, Record, safe_key
 
-
-@dataclasses.dataclass
-class Record:
-    """One utterance to shard."""
-
-    key: str
-    """WebDataset key: letters, digits, ``_`` and ``-`` only (a dot would end the key)."""
-    path: str
-    """Audio file."""
-    text: str
-    start: float = 0.0
-    """Offset into the file, seconds."""
-    duration: float | None = None
-    """Seconds from ``start``; None = to the end of the file."""
-    meta: dict = dataclasses.field(default_factory=dict)
-    """Extra label fields written to the sample's JSON (pseudo-label metadata, speaker, ...)."""
-
-
-@dataclasses.dataclass
-class Problem:
-    """An input entry that is left out, with why; goes to the shard directory's report."""
-
-    key: str
-    source: str
-    reason: str
-    error: str
-
-
-def safe_key(name: str) -> str:
-    return _UNSAFE.sub("_", name)
+__all__ = ["Problem", "Record", "input_format", "read_input"]
 
 
 def _lines(path: Path, problems: list[Problem]):
@@ -65,7 +37,18 @@ def _lines(path: Path, problems: list[Problem]):
             yield no, line
 
 
+NEMO_TARRED = "tarred_audio_manifest.json"
+
+
+def _channel(value) -> int | str | None:
+    if value is None or value == "mix" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"channel {value!r} is not a 0-based number or 'mix'")
+
+
 def read_nemo(manifest: Path) -> tuple[list[Record], list[Problem]]:
+    """A NeMo manifest; lines with a ``shard_id`` (tarred datasets) name a member of
+    ``audio_<shard_id>.tar`` beside the manifest."""
     records, problems = [], []
     for no, line in _lines(manifest, problems):
         where = f"{manifest}:{no}"
@@ -73,16 +56,22 @@ def read_nemo(manifest: Path) -> tuple[list[Record], list[Problem]]:
             row = json.loads(line)
             audio = Path(row.pop("audio_filepath"))
             text = row.pop("text")
+            channel = _channel(row.pop("channel", None))
+            shard = row.pop("shard_id", None)
+            if not isinstance(text, str):
+                raise TypeError(f"text {text!r} is not a string")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             problems.append(Problem(f"line{no}", where, "bad_label", f"not a manifest line: {e}"))
             continue
+        member = None
+        if shard is not None:
+            member, audio = str(audio), Path(f"audio_{shard}.tar")
         if not audio.is_absolute():
             audio = manifest.parent / audio
         offset = float(row.pop("offset", 0.0) or 0.0)
         duration = row.pop("duration", None)
-        key = row.pop("key", None) or audio.stem + (
-            f"_{round(offset * 1000):08d}" if offset else ""
-        )
+        stem = audio.stem if member is None else Path(member).name.partition(".")[0]
+        key = row.pop("key", None) or stem + (f"_{round(offset * 1000):08d}" if offset else "")
         records.append(
             Record(
                 key=safe_key(str(key)),
@@ -93,6 +82,8 @@ def read_nemo(manifest: Path) -> tuple[list[Record], list[Problem]]:
                 # then only informative (and often rounded).
                 duration=float(duration) if offset and duration is not None else None,
                 meta=row,
+                channel=channel,
+                member=member,
             )
         )
     return records, problems
@@ -154,19 +145,47 @@ def read_kaldi(data_dir: Path) -> tuple[list[Record], list[Problem]]:
     return records, problems
 
 
-def read_input(path: str | Path) -> tuple[list[Record], list[Problem]]:
-    """Records of a NeMo manifest, LibriSpeech tree or Kaldi data dir (detected from ``path``)."""
+def input_format(path: str | Path) -> str | None:
+    """Which corpus format ``path`` is (a row of the module docstring's table), or None."""
     path = Path(path)
+    name = path.name
+    if path.is_file() and (name.endswith(".jsonl.gz") or name.endswith(".json.gz")):
+        return "lhotse"
     if path.is_file() and path.suffix in (".json", ".jsonl"):
+        from data_pipeline.cuts import is_cut_manifest
+
+        return "lhotse" if is_cut_manifest(path) else "nemo"
+    if path.is_dir() and (path / NEMO_TARRED).is_file():
+        return "nemo_tarred"
+    if (path / "wav.scp").is_file():
+        return "kaldi"
+    if path.is_dir() and next(path.rglob("*.trans.txt"), None) is not None:
+        return "librispeech"
+    return None
+
+
+def read_input(path: str | Path) -> tuple[list[Record], list[Problem]]:
+    """Records of a corpus of the module docstring's table (the format detected from ``path``)."""
+    path = Path(path)
+    kind = input_format(path)
+    if kind == "nemo":
         records, problems = read_nemo(path)
-    elif (path / "wav.scp").is_file():
+    elif kind == "nemo_tarred":
+        records, problems = read_nemo(path / NEMO_TARRED)
+    elif kind == "lhotse":
+        from data_pipeline.cuts import read_cuts
+
+        records, problems = read_cuts(path)
+    elif kind == "kaldi":
         records, problems = read_kaldi(path)
-    elif path.is_dir() and next(path.rglob("*.trans.txt"), None) is not None:
+    elif kind == "librispeech":
         records, problems = read_librispeech(path)
     else:
+        why = "does not exist" if not path.exists() else "is not a corpus omni-ds reads"
         raise FileNotFoundError(
-            f"{path}: not a NeMo manifest (.json/.jsonl), a Kaldi data dir (wav.scp) or a "
-            "LibriSpeech tree (*.trans.txt)"
+            f"{path}: {why}; name a NeMo manifest (.json/.jsonl, tarred: the directory of "
+            "tarred_audio_manifest.json), a Lhotse CutSet (.jsonl.gz), a Kaldi data dir "
+            "(wav.scp) or a LibriSpeech tree (*.trans.txt)"
         )
     seen: set[str] = set()
     unique = []

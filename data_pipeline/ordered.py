@@ -10,11 +10,12 @@ needs the opposite, with the same reading code: the shard index (``data_pipeline
 catalog, ``BatchReader.read_sample``, the padding and the worker processes are the loader's. A
 set PATH is
 
-- a shard directory: its ``index.json``, or, where it has none, its ``*.tar`` scanned in memory
-  (nothing is written into the directory); or one ``.tar`` shard, scanned;
-- or a corpus ``data_pipeline.manifests.read_input`` reads (NeMo JSONL, Kaldi dir, LibriSpeech
-  tree), whose audio is read as ``make-shards`` would store it (16 kHz mono 16-bit), then
-  scaled to float32.
+- a shard source (``data_pipeline.sources``: directory, ``.tar``, brace pattern, glob): its
+  index, built where missing in the cache directory (nothing is written into the user's
+  folders);
+- or a corpus ``data_pipeline.manifests.read_input`` reads (NeMo JSONL or tarred, Lhotse cuts,
+  Kaldi dir, LibriSpeech tree), whose audio is read as ``make-shards`` would store it (16 kHz
+  mono 16-bit), then scaled to float32.
 
 Batches hold consecutive utterances while longest × count stays within ``batch_seconds``
 (durations from the index or the audio headers) and count within ``max_batch_size``.
@@ -40,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.audio import AudioError, file_seconds, read_float
-from data_pipeline.index import INDEX_FILE, ShardSet, load_index, scan_directory, scan_shard
-from data_pipeline.manifests import Record, read_input
+from data_pipeline.manifests import Record, input_format, read_input
 from data_pipeline.plan import Catalog, pack, share_of_rank
 from data_pipeline.reader import BatchReader, DataError, PlannedBatches, SampleReader
+from data_pipeline.sources import is_shard_source, open_shards
 from data_pipeline.workers import worker_batches
 
 
@@ -64,7 +65,8 @@ class RecordReader(SampleReader):
         r = self.records[i]
         if not r.text.strip():  # make-shards leaves such inputs out, the index marks them bad
             raise AudioError("empty_text", "empty transcript")
-        return read_float(r.path, r.start, r.duration), r.text, self.tokenize(r.text)
+        audio = read_float(r.path, r.start, r.duration, r.channel, r.member)
+        return audio, r.text, self.tokenize(r.text)
 
 
 @dataclasses.dataclass
@@ -77,21 +79,12 @@ class Source:
     """(shard or file, key, reason, message) of each sample known unusable before reading."""
 
 
-def _shard_set(path: Path) -> ShardSet | None:
-    if path.is_file() and path.suffix == ".tar":
-        return ShardSet(path.parent, [scan_shard(path)])
-    if path.is_dir() and (path / INDEX_FILE).is_file():
-        return load_index(path)
-    if path.is_dir() and next(path.glob("*.tar"), None) is not None:
-        return ShardSet(path, scan_directory(path))
-    return None
-
-
-def open_source(path: str | Path, tokenizer=None) -> Source:
+def open_source(
+    path: str | Path, tokenizer=None, text_key: str = "text", progress: bool = True
+) -> Source:
     """The set at ``path`` (see the module docstring), in file order."""
-    path = Path(path)
-    shard_set = _shard_set(path)
-    if shard_set is not None:
+    if input_format(path) is None and is_shard_source(path):
+        shard_set = open_shards(path, text_key, beside=False, progress=progress)
         catalog = Catalog.from_sets([shard_set])
         bad = [(catalog.shard_paths[sid], key, reason, "marked unusable by the shard scan")
                for sid, key, reason in catalog.bad]  # fmt: skip
@@ -99,12 +92,14 @@ def open_source(path: str | Path, tokenizer=None) -> Source:
     try:
         records, problems = read_input(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; nor a directory of *.tar shards or a .tar shard") from None
+        raise FileNotFoundError(
+            f"{e}; nor shards (a directory of *.tar shards, a .tar, a brace pattern or a glob)"
+        ) from None
     bad = [(p.source, p.key, p.reason, p.error) for p in problems]
     kept, seconds = [], []
     for r in records:
         try:
-            seconds.append(file_seconds(r.path, r.start, r.duration))
+            seconds.append(file_seconds(r.path, r.start, r.duration, r.member))
         except AudioError as e:
             bad.append((r.path, r.key, e.reason, str(e)))
             continue
@@ -132,10 +127,11 @@ class OrderedReader:
         world_size: int = 1,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        text_key: str = "text",
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        source = open_source(path, tokenizer)
+        source = open_source(path, tokenizer, text_key, progress=rank == 0)
         if strict and source.bad:
             where, key, reason, message = source.bad[0]
             raise DataError(

@@ -35,6 +35,7 @@ from data_pipeline.index import (
     JSON_OFF,
     JSON_SIZE,
     KEY,
+    LABEL_EXT,
     SECONDS,
     ShardSet,
 )
@@ -62,14 +63,19 @@ class Catalog:
     """int64 [N, 4]: audio offset, audio size, JSON offset, JSON size inside the tar."""
     bad: list[tuple[int, str, str]]
     """(shard id, key, reason) of samples the index marked unusable."""
+    label_txt: np.ndarray
+    """bool [N]: the label is a ``.txt`` member (else JSON)."""
+    text_keys: list[str]
+    """Per shard: the JSON key of the transcript."""
 
     @classmethod
     def from_sets(cls, sets: list[ShardSet]) -> Catalog:
-        paths, shard_of, rows, bad = [], [], [], []
+        paths, shard_of, rows, bad, text_keys = [], [], [], [], []
         for shard_set in sets:
             for shard in shard_set.shards:
                 sid = len(paths)
                 paths.append(str(shard_set.directory / shard["name"]))
+                text_keys.append(shard_set.text_key)
                 rows.extend(shard["samples"])
                 shard_of.extend([sid] * len(shard["samples"]))
                 bad.extend((sid, key, reason) for key, reason in shard["bad"])
@@ -89,6 +95,8 @@ class Catalog:
             confidence=column(CONFIDENCE, np.float64),
             members=members,
             bad=bad,
+            label_txt=np.array([len(r) > LABEL_EXT and r[LABEL_EXT] == "txt" for r in rows], bool),
+            text_keys=text_keys,
         )
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ its shard and key:
 | ``empty_audio`` / ``nonfinite_audio`` | zero samples / NaN or infinite samples |
 | ``sample_rate`` | the audio's rate differs from its label's, or is below 8 kHz |
 | ``untokenizable`` | the tokenizer gives no tokens for the text |
+| ``unk_target`` | the tokenizer maps part of the (normalised) text to ``<unk>``: it was trained on other text; above ``data.max_unk_rate`` the run stops |
 
 A batch whose every sample was skipped cannot simply vanish (every rank must take the same number
 of steps, and a model cannot run on zero rows), so it becomes a *filler*: one second of silence
@@ -46,6 +47,8 @@ ERROR_REASONS = (
     "sample_rate",
     "untokenizable",
 )
+UNK_REASON = "unk_target"
+"""Counted apart from :data:`ERROR_REASONS`: the data is fine, the tokenizer does not fit it."""
 
 
 FILLER_KEY = "<filler>"
@@ -106,6 +109,8 @@ class SampleReader(abc.ABC):
         tokens = self.tokenizer.encode(text)
         if not tokens:
             raise AudioError("untokenizable", f"no tokens for {text!r}")
+        if self.tokenizer.unk_id in tokens:
+            raise AudioError(UNK_REASON, f"<unk> in the targets of {text!r}")
         return tokens
 
     def read_batch(self, ids: list[int], bucket: int = -1, strict: bool = False) -> dict:
@@ -183,7 +188,8 @@ class BatchReader(SampleReader):
             f = self._file(sid)
         except FileNotFoundError as e:
             raise AudioError("missing_shard", str(e)) from e
-        meta = parse_label(self._member(f, json_off, json_size))
+        ext = "txt" if self.catalog.label_txt[i] else "json"
+        meta = parse_label(self._member(f, json_off, json_size), self.catalog.text_keys[sid], ext)
         audio = decode_bytes(self._member(f, audio_off, audio_size), meta.get("sample_rate"))
         return audio, meta["text"], self.tokenize(meta["text"])
 

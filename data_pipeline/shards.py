@@ -72,7 +72,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray, dict]]) -> 
 def _estimated_bytes(r: Record) -> int:
     # Raw 16-bit PCM bytes; FLAC shards come out at roughly half of it for speech.
     try:
-        duration = file_seconds(r.path, r.start, r.duration)
+        duration = file_seconds(r.path, r.start, r.duration, r.member)
     except AudioError:
         duration = 0.0
     return int(duration * SAMPLE_RATE * 2)
@@ -114,7 +114,7 @@ def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
                 problems.append(Problem(r.key, r.path, "empty_text", "empty transcript"))
                 continue
             try:
-                pcm = read_file(r.path, r.start, r.duration)
+                pcm = read_file(r.path, r.start, r.duration, r.channel, r.member)
             except AudioError as e:
                 problems.append(Problem(r.key, r.path, e.reason, str(e)))
                 continue
@@ -127,10 +127,10 @@ def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
 
 def run_jobs(fn: Callable, jobs: list, workers: int, desc: str, progress: bool) -> list:
     """``[fn(job) for job in jobs]`` over ``workers`` processes, in order, with a progress bar."""
-    from tqdm import tqdm
+    from data_pipeline.progress import progress_bar
 
     workers = max(1, min(workers, len(jobs)))
-    bar = tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress)
+    bar = progress_bar(len(jobs), desc, "shard", progress)
     results = []
     with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
         for result in pool.imap(fn, jobs):

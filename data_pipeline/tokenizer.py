@@ -4,7 +4,9 @@
     tok = Tokenizer("data/synth/tokenizer.model")
     tok.decode(tok.encode("hello world")) == "hello world"
 
-Token ids are SentencePiece ids; the CTC blank is ``vocab_size`` (one past the last id).
+Token ids are SentencePiece ids; the CTC blank is ``vocab_size`` (one past the last id). Text is
+normalised by ``data_pipeline.text.normalize`` before training and before every encoding, so
+``decode`` gives the normalised (lower-case) form.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from data_pipeline.audio import AudioError
-from data_pipeline.index import JSON_OFF, JSON_SIZE, load_index, parse_label
+from data_pipeline.index import JSON_OFF, JSON_SIZE, LABEL_EXT, parse_label
+from data_pipeline.sources import open_shards
+from data_pipeline.text import normalize
 
 
 class Tokenizer:
@@ -35,8 +39,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        """Token ids of ``normalize(text)``."""
+        return self._sp.encode(normalize(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -48,33 +57,37 @@ class Tokenizer:
         self.__init__(state["model_path"])
 
 
-def shard_texts(directory: Path) -> Iterator[str]:
-    """Every usable transcript of a shard directory, in index order (labels only, no audio)."""
-    for shard in load_index(directory).shards:
-        path = directory / shard["name"]
-        with open(path, "rb") as f:
+def shard_texts(source: str | Path, text_key: str = "text") -> Iterator[str]:
+    """Every usable transcript of a shard source (``data_pipeline.sources``), in index order
+    (labels only, no audio)."""
+    shard_set = open_shards(source, text_key)
+    for shard in shard_set.shards:
+        with open(shard_set.directory / shard["name"], "rb") as f:
             for row in shard["samples"]:
                 f.seek(row[JSON_OFF])
+                ext = row[LABEL_EXT] if len(row) > LABEL_EXT else "json"
                 try:
-                    yield parse_label(f.read(row[JSON_SIZE]))["text"]
+                    yield parse_label(f.read(row[JSON_SIZE]), shard_set.text_key, ext)["text"]
                 except AudioError:
                     continue
 
 
 def train_tokenizer(
-    shard_dirs: Sequence[Path],
+    shard_dirs: Sequence[str | Path],
     prefix: Path,
     vocab_size: int,
     model_type: str = "unigram",
     character_coverage: float = 1.0,
+    text_key: str = "text",
 ) -> Path:
-    """Train on the transcripts of ``shard_dirs``; writes ``PREFIX.model`` and ``PREFIX.vocab``.
+    """Train on the normalised transcripts of the shard sources ``shard_dirs``; writes
+    ``PREFIX.model`` and ``PREFIX.vocab``.
 
     ``vocab_size`` is an upper bound: a small corpus may support fewer pieces.
     """
     import sentencepiece as spm
 
-    texts = [t for d in shard_dirs for t in shard_texts(Path(d))]
+    texts = [normalize(t) for d in shard_dirs for t in shard_texts(d, text_key)]
     if not texts:
         raise ValueError(f"no transcripts in {', '.join(map(str, shard_dirs))}")
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -250,4 +250,4 @@ def test_config_errors_name_key_value_and_fix(corpus):
     ):
         from_dict(ExperimentConfig, {"data": {"min_pl_confidance": 0.5}})
     cfg = from_dict(ExperimentConfig, {"data": {"train": [str(corpus)], "dev": {"a": str(corpus)}}})
-    assert cfg.data.train == [corpus] and cfg.data.dev == {"a": corpus}
+    assert cfg.data.train == [str(corpus)] and cfg.data.dev == {"a": str(corpus)}

@@ -73,7 +73,9 @@ def test_nemo_manifest_round_trip(tmp_path):
         assert label["pl_confidence"] == 0.5 + i / 20 and label["lang"] == "en"
         assert label["sample_rate"] == 16000 and label["duration"] == round(len(x) / 16000, 4)
     np.testing.assert_array_equal(got["long_00000500"][0], long[8000:20000])
-    assert report(tmp_path / "out") == {"gone": "unreadable_audio", "blank": "empty_text"}
+    assert report(tmp_path / "out") == {"gone": "missing_audio", "blank": "empty_text"}
+    errors = [json.loads(line)["error"] for line in (tmp_path / "out" / REPORT_FILE).open()]
+    assert f"file not found: {tmp_path / 'gone.flac'}" in errors
     index = load_index(tmp_path / "out")
     assert index.num_samples == 8 and [s["num_samples"] for s in index.shards] == [3, 3, 2, 0]
 

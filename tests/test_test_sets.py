@@ -135,7 +135,9 @@ def test_bad_paths_and_unusable_samples_are_named(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio_filepath": "gone.flac", "text": "t"}\n')
     reader = OrderedReader(tmp_path / "m.jsonl")
     (tmp_path / "gone.flac").unlink()
-    with pytest.raises(DataError, match=r"gone\.flac: sample 'gone' is unusable \(unreadable"):
+    with pytest.raises(
+        DataError, match=r"gone\.flac: sample 'gone' is unusable \(missing_audio: file not found: "
+    ):
         list(reader)
 
 

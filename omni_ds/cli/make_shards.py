@@ -1,10 +1,12 @@
 """Write WebDataset tar shards (16 kHz FLAC + JSON labels) and their index from a corpus.
 
 INPUT is a NeMo-style JSONL manifest (``audio_filepath``, ``text``, ``duration``, optional
-``offset``; other fields such as ``pl_confidence``/``pl_teacher`` are kept), a LibriSpeech tree
-(``*.trans.txt`` + FLAC) or a Kaldi data dir (``wav.scp``, ``text``, optional ``segments`` and
-``utt2spk``). Output is deterministic; a rerun skips shards already written; inputs that cannot be
-read are listed in ``OUT/report.jsonl``. With ``--tasks N`` (an array job, as
+``offset`` and ``channel``; other fields such as ``pl_confidence``/``pl_teacher`` are kept), a NeMo
+tarred dataset (the directory of ``tarred_audio_manifest.json`` and ``audio_N.tar``), a Lhotse
+CutSet (``cuts.jsonl.gz``), a LibriSpeech tree (``*.trans.txt`` + FLAC) or a Kaldi data dir
+(``wav.scp``, ``text``, optional ``segments`` and ``utt2spk``); see docs/data.md. Output is
+deterministic; a rerun skips shards already written; inputs that cannot be read are listed in
+``OUT/report.jsonl``, and a run that keeps no utterance exits 1. With ``--tasks N`` (an array job, as
 ``slurm/make_shards.sbatch`` runs it) task ``--task I`` writes every N-th shard and the last task
 to finish writes the index: the output is byte-identical to the one-machine command.
 
@@ -12,13 +14,16 @@ to finish writes the index: the output is byte-identical to the one-machine comm
     omni-ds make-shards train.jsonl --out shards/train --task 0 --tasks 8   # task 0 of 8
     omni-ds make-shards LibriSpeech/train-clean-100 --out shards/ls100 --shard-bytes 512M
     omni-ds make-shards data/kaldi/train --out shards/kaldi
-    omni-ds make-shards shards/foreign --index-only     # index shards written by other tools
+    omni-ds make-shards nemo_tarred/ --out shards/nemo       # audio_N.tar + tarred manifest
+    omni-ds make-shards cuts.jsonl.gz --out shards/lhotse --channel 0
+    omni-ds make-shards 'shards/foreign/shard-{000000..000003}.tar' --index-only
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -33,7 +38,12 @@ def byte_size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="INPUT", help="manifest, LibriSpeech tree or Kaldi dir")
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        help="NeMo manifest or tarred dir, Lhotse cuts, LibriSpeech tree, Kaldi dir; with "
+        "--index-only a shard source (directory, .tar, brace pattern, glob)",
+    )
     parser.add_argument("--out", metavar="DIR", help="shard directory to write")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-size", type=int, default=None, help="utterances per shard (1000)")
@@ -69,24 +79,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="names this array run's completion markers (default: SLURM_ARRAY_JOB_ID)",
     )
     parser.add_argument(
+        "--channel",
+        default=None,
+        metavar="N|mix",
+        help="channel of multi-channel audio where the input does not say (0-based, or mix); "
+        "default: mono as is, channels mixed only when they carry the same signal",
+    )
+    parser.add_argument(
         "--index-only",
         action="store_true",
-        help="INPUT is a directory of existing *.tar shards: only write its index.json",
+        help="INPUT names existing *.tar shards: only write their index",
     )
+    parser.add_argument(
+        "--text-key",
+        default="text",
+        help="with --index-only: JSON key of the transcript in <key>.json labels (default text)",
+    )
+
+
+def _channel(text: str | None):
+    if text is None or text == "mix":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise SystemExit(f"--channel {text!r}: use a 0-based channel number or mix")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from data_pipeline.index import index_directory, load_index
-
     if args.index_only:
-        path = index_directory(Path(args.input), progress=True)
-        shards = load_index(path.parent)
-        bad = sum(len(s["bad"]) for s in shards.shards)
-        print(f"{path}: {len(shards.shards)} shards, {shards.num_samples} samples "
-              f"({shards.duration / 3600:.2f} h), {bad} unusable")  # fmt: skip
-        return 0
+        return _index_only(args.input, args.text_key)
     if not args.out:
         raise SystemExit("--out DIR is required (unless --index-only)")
     if not 0 <= args.task < args.tasks:
@@ -96,7 +119,13 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.manifests import read_input
     from data_pipeline.shards import REPORT_FILE, make_shards, make_shards_task
 
-    records, problems = read_input(args.input)
+    channel = _channel(args.channel)
+    try:
+        records, problems = read_input(args.input)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    for r in records:
+        r.channel = channel if r.channel is None else r.channel
     layout = dict(
         problems=problems,
         shard_size=args.shard_size if args.shard_bytes is None else None,
@@ -114,4 +143,30 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.samples} utterances, {summary.hours:.2f} h; "
         f"{summary.problems} inputs left out (see {summary.out / REPORT_FILE})"
     )
+    if summary.samples == 0:
+        print(f"error: no utterance of {args.input} was usable; the reasons are in "
+              f"{summary.out / REPORT_FILE}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _index_only(spec: str, text_key: str) -> int:
+    """Index existing shards; exit 1 when they hold no usable sample."""
+    from collections import Counter
+
+    from data_pipeline.sources import SourceError, index_location, open_shards
+
+    try:
+        shards = open_shards(spec, text_key)
+    except SourceError as e:
+        raise SystemExit(str(e)) from None
+    bad = Counter(reason for s in shards.shards for _, reason in s["bad"])
+    print(f"{index_location(spec, text_key)}: {len(shards.shards)} shards, "
+          f"{shards.num_samples} samples ({shards.duration / 3600:.2f} h), "
+          f"{sum(bad.values())} unusable {dict(bad) or ''}")  # fmt: skip
+    if shards.num_samples == 0:
+        print(f"error: {spec} holds no usable sample; a sample is <key>.<audio> with "
+              f"<key>.json (transcript under {text_key!r}, see --text-key) or <key>.txt",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0

@@ -11,8 +11,9 @@ The run directory (``train.run_dir``) receives the resolved ``config.yaml``, ``m
 ``tensorboard/`` and ``checkpoints/``.
 
 Exit codes: 0 done; 75 a SIGUSR1/SIGTERM arrived, a checkpoint was written at the next step and
-the job should be requeued (it resumes with the default ``--resume auto``); 2 config problems, or
-a checkpoint that cannot be resumed (e.g. a damaged one that must be resharded for this world
+the job should be requeued (it resumes with the default ``--resume auto``); 2 config or data
+problems (data that cannot be trained on: no usable sample, too many unusable ones), or a
+checkpoint that cannot be resumed (e.g. a damaged one that must be resharded for this world
 size), each said in one line; 1 any other error.
 """
 
@@ -38,12 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from omni_ds.errors import CheckpointError, ConfigError
+    from omni_ds.errors import CheckpointError, ConfigError, DataError
     from omni_ds.train.trainer import main
 
     try:
         return main(args.config, args.overrides, args.resume)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(e, file=sys.stderr)
         return 2
     except CheckpointError as e:

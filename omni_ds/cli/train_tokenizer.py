@@ -1,6 +1,11 @@
-"""Train a SentencePiece tokenizer on the transcripts of shard directories.
+"""Train a SentencePiece tokenizer on the transcripts of shards.
 
     omni-ds train-tokenizer shards/train --vocab 256 --out shards/tokenizer   # tokenizer.model
+    omni-ds train-tokenizer 'wds/shard-{000000..000003}.tar' --vocab 256 --out wds/tokenizer
+
+SHARDS are shard sources as ``data.train`` takes them (directories, .tar files, brace patterns,
+globs; indexed where needed). Transcripts are normalised first (``data_pipeline.text``: NFKC,
+lower case, single spaces), as the tokenizer normalises whatever it encodes.
 
 ``--vocab`` is an upper bound (a small corpus may support fewer pieces); set the model's
 ``vocab_size`` to at least the size printed.
@@ -12,7 +17,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("shards", nargs="+", metavar="SHARDS", help="shard directories")
+    parser.add_argument("shards", nargs="+", metavar="SHARDS", help="shard sources")
+    parser.add_argument(
+        "--text-key", default="text", help="JSON key of the transcript (default text)"
+    )
     parser.add_argument("--vocab", type=int, required=True, help="vocabulary size (upper bound)")
     parser.add_argument(
         "--out",
@@ -31,9 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from data_pipeline.sources import SourceError
     from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
-    prefix = Path(args.out) if args.out else Path(args.shards[0]) / "tokenizer"
-    path = train_tokenizer([Path(s) for s in args.shards], prefix, args.vocab, args.model_type)
+    first = Path(args.shards[0])
+    prefix = (
+        Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "tokenizer"
+    )
+    try:
+        path = train_tokenizer(
+            args.shards, prefix, args.vocab, args.model_type, text_key=args.text_key
+        )
+    except (SourceError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     print(f"{path}: {Tokenizer(path).vocab_size} pieces")
     return 0

@@ -54,6 +54,7 @@ def make_dev_sets(
             world_size=world_size,
             num_workers=data.num_workers,
             prefetch_factor=data.prefetch_factor,
+            text_key=data.text_key,
         )
         for name, path in data.dev.items()
     }

@@ -1,0 +1,174 @@
+"""Where shards are: the one place that turns what a user names into indexed shard sets.
+
+Every command that takes shards (``data.train``, ``data.dev``, ``train-tokenizer``, ``eval``,
+``analyze``, ``make-shards --index-only``) resolves its inputs here. A source SPEC is
+
+| form | example | what is read |
+| --- | --- | --- |
+| shard directory | ``shards/train`` | its ``*.tar``, in name order |
+| tar file | ``shards/train/shard-000003.tar`` | that shard |
+| brace pattern | ``shards/shard-{000000..000003}.tar`` | each expansion (bash / ``braceexpand`` rules), in order |
+| glob | ``corpus/*/shard-*.tar`` | every match, in name order |
+
+Samples are WebDataset members sharing a key: audio (``flac``, ``wav``, ``mp3``, ``ogg``,
+``opus``) plus ``<key>.json`` (transcript under ``text_key``, default ``text``) or ``<key>.txt``.
+
+The index (``data_pipeline.index``) is built when missing, with progress: a directory's own
+``DIR/index.json`` when the directory is writable (what ``make-shards`` writes); for patterns,
+single tars, read-only directories, or when ``beside=False`` (evaluation never writes into a
+user's folders), ``index-<key>.json`` in the cache directory (``$OMNI_DS_CACHE``, else
+``$XDG_CACHE_HOME/omni-ds``, else ``~/.cache/omni-ds``), keyed by the shards' paths, sizes and
+modification times and the text key, so a changed shard is re-indexed. Ranks that open the same
+source at once build it once (a file lock); the others read what it wrote.
+
+Local paths only: :func:`_local_path` is the one place a SPEC becomes a path, which is where a
+URL scheme would plug in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from data_pipeline.index import INDEX_FILE, ShardSet, load_index, scan_shards, write_index
+
+
+class SourceError(FileNotFoundError):
+    """A source that names no shards; the message names the source and the fix."""
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _local_path(spec: str) -> Path:
+    url = _URL.match(spec)
+    if url:
+        scheme = url.group(1)
+        raise SourceError(
+            f"{spec}: {scheme}:// sources are not supported; copy or mount the shards locally "
+            "and name the local path"
+        )
+    return Path(spec).expanduser()
+
+
+def _brace(spec: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    return list(braceexpand(spec))
+
+
+def is_pattern(spec: str | Path) -> bool:
+    return any(c in str(spec) for c in "*?[{")
+
+
+def expand(spec: str | Path) -> list[Path]:
+    """The tar shards ``spec`` names (module docstring), in order; raises :class:`SourceError`
+    naming what was looked for when there are none."""
+    spec = str(spec)
+    _local_path(spec)  # a URL is refused before it is expanded
+    if "{" in spec:
+        paths = [_local_path(s) for s in _brace(spec)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SourceError(
+                f"{spec}: {len(missing)} of the {len(paths)} shards it expands to do not exist "
+                f"(first: {missing[0]}); check the pattern's range and folder"
+            )
+        return paths
+    path = _local_path(spec)
+    if is_pattern(spec):
+        paths = sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+        if not paths:
+            raise SourceError(f"{spec}: no .tar file matches this pattern; check the folder")
+        return paths
+    if path.is_dir():
+        paths = sorted(path.glob("*.tar"))
+        if not paths:
+            raise SourceError(
+                f"{spec}: the directory holds no *.tar shards; write them with "
+                "`omni-ds make-shards INPUT --out DIR`"
+            )
+        return paths
+    if path.is_file() and path.suffix == ".tar":
+        return [path]
+    raise SourceError(
+        f"{spec}: does not exist; name a shard directory, a .tar file, a brace pattern "
+        "(shard-{000000..000009}.tar) or a glob (*.tar)"
+    )
+
+
+def is_shard_source(spec: str | Path) -> bool:
+    """Whether ``spec`` names shards (rather than a corpus such as a manifest); no scanning."""
+    try:
+        expand(spec)
+    except SourceError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OMNI_DS_CACHE"):
+        return Path(os.environ["OMNI_DS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "omni-ds"
+
+
+def _cache_key(paths: list[Path], text_key: str) -> str:
+    stats = []
+    for p in paths:
+        st = p.stat()
+        stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps([1, text_key, stats]).encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def index_location(spec: str | Path, text_key: str = "text", beside: bool = True) -> Path:
+    """Where the index of ``spec`` is, or would be built (module docstring)."""
+    paths = expand(spec)
+    own = _local_path(str(spec))
+    if not is_pattern(spec) and own.is_dir():
+        if (own / INDEX_FILE).is_file():
+            return own / INDEX_FILE
+        if beside and text_key == "text" and os.access(own, os.W_OK):
+            return own / INDEX_FILE
+    return cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
+
+
+def _base_dir(paths: list[Path]) -> Path:
+    if len(paths) == 1:
+        return paths[0].parent
+    return Path(os.path.commonpath([str(p.absolute()) for p in paths]))
+
+
+def open_shards(
+    spec: str | Path, text_key: str = "text", *, beside: bool = True, progress: bool = True
+) -> ShardSet:
+    """The indexed shards of ``spec``, building the index where it is missing (module docstring)."""
+    own = _local_path(str(spec))
+    if not is_pattern(spec) and (own / INDEX_FILE).is_file():
+        shard_set = load_index(own)
+        if shard_set.text_key == text_key:
+            return shard_set
+    paths = expand(spec)
+    directory = _base_dir(paths)
+    where = index_location(spec, text_key, beside)
+    if where.name == INDEX_FILE and where.is_file():  # indexed with another text key
+        where = cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
+    with _locked(where):
+        if not where.is_file():
+            shards = scan_shards(directory, paths, text_key, progress)
+            write_index(directory, shards, text_key, path=where)
+        return load_index(directory, where)

@@ -1,0 +1,120 @@
+"""Shard sources (data_pipeline.sources): shards written by the real webdataset library, named as
+directories, tars, brace patterns and globs, labelled by .json or .txt, indexed on first use."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import DataError, SpeechLoader
+from data_pipeline.sources import SourceError, cache_dir, expand, index_location, open_shards
+from omni_ds.cli import main
+
+
+def flac(seconds: float, seed: int) -> tuple[bytes, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pcm = np.round(rng.normal(0, 0.1, int(seconds * 16000)).clip(-1, 1) * 32767).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 16000, format="FLAC", subtype="PCM_16")
+    return buf.getvalue(), pcm
+
+
+def write_wds(out: Path, n: int, label: str = "json", per_shard: int = 3, text_key="text"):
+    """``n`` samples in ``out/shard-%06d.tar`` by webdataset.ShardWriter; returns key -> pcm."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    audio = {}
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            data, pcm = flac(0.5 + 0.1 * i, i)
+            key = f"utt{i:03d}"
+            audio[key] = pcm
+            text = f"word {i}"
+            sample = {"__key__": key, "flac": data}
+            sample[label] = {text_key: text} if label == "json" else text
+            sink.write(sample)
+    return audio
+
+
+def keys(shard_set) -> list[str]:
+    return [row[0] for s in shard_set.shards for row in s["samples"]]
+
+
+def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
+    write_wds(tmp_path / "wds", 10)  # 4 shards: 3 + 3 + 3 + 1
+    d = tmp_path / "wds"
+    brace = f"{d}/shard-{{000000..000003}}.tar"
+    assert expand(brace) == expand(d) == expand(f"{d}/*.tar") == sorted(d.glob("*.tar"))
+    assert expand(d / "shard-000002.tar") == [d / "shard-000002.tar"]
+    # A directory source gets its own index.json; a pattern an index in the cache.
+    assert keys(open_shards(d)) == [f"utt{i:03d}" for i in range(10)]
+    assert (d / "index.json").is_file()
+    sub = open_shards(f"{d}/shard-{{000001..000002}}.tar")
+    assert keys(sub) == [f"utt{i:03d}" for i in range(3, 9)]
+    assert index_location(f"{d}/shard-{{000001..000002}}.tar").parent == cache_dir()
+    with pytest.raises(SourceError, match=r"2 of the 6 shards it expands to do not exist .*"
+                                          r"shard-000004\.tar\); check the pattern"):  # fmt: skip
+        expand(f"{d}/shard-{{000000..000005}}.tar")
+    with pytest.raises(SourceError, match="no .tar file matches"):
+        expand(f"{d}/nope-*.tar")
+    with pytest.raises(SourceError, match=r"s3:// sources are not supported"):
+        expand("s3://bucket/shard-{000000..000003}.tar")
+    with pytest.raises(SourceError, match="does not exist; name a shard directory"):
+        expand(tmp_path / "missing")
+
+
+def test_txt_labels_bit_exact_and_an_index_kept_out_of_the_folder(tmp_path):
+    audio = write_wds(tmp_path / "wds", 4, label="txt")
+    d = tmp_path / "wds"
+    # beside=False (evaluation; also what a read-only folder gets): the index goes to the cache.
+    shard_set = open_shards(d, beside=False)
+    assert not (d / "index.json").exists() and keys(shard_set) == list(audio)
+    assert index_location(d, beside=False).parent == cache_dir()
+    cfg = DataConfig(train=[str(d)], num_workers=0, max_batch_seconds=30.0, num_buckets=1)
+    batches = list(SpeechLoader(cfg))
+    got = {k: (b["audio"][j], b["texts"][j]) for b in batches for j, k in enumerate(b["keys"])}
+    assert sorted(got) == list(audio)
+    for key, pcm in audio.items():
+        np.testing.assert_array_equal(got[key][0][: len(pcm)].numpy() * 32768, pcm)
+        assert got[key][1] == f"word {int(key[3:])}"
+
+
+def test_text_key_and_the_index_only_command(tmp_path, capsys):
+    write_wds(tmp_path / "wds", 4, text_key="transcript")
+    spec = f"{tmp_path}/wds/shard-{{000000..000001}}.tar"
+    # The default key finds no transcript: every sample is unusable and the command says so.
+    assert main(["make-shards", spec, "--index-only"]) == 1
+    out, err = capsys.readouterr()
+    assert "4 unusable {'bad_label': 4}" in out and "--text-key" in err
+    assert main(["make-shards", spec, "--index-only", "--text-key", "transcript"]) == 0
+    assert "2 shards, 4 samples" in capsys.readouterr().out
+    cfg = DataConfig(train=[spec], text_key="transcript", num_workers=0, num_buckets=1)
+    assert sorted(k for b in SpeechLoader(cfg) for k in b["keys"]) == [
+        f"utt{i:03d}" for i in range(4)
+    ]
+    with pytest.raises(DataError, match=r"no usable sample \(4 left out: \{'bad_label': 4\}\)"):
+        SpeechLoader(DataConfig(train=[spec], num_workers=0))
+
+
+def test_ranks_indexing_at_once_build_one_index(tmp_path):
+    """Two processes open the same unindexed source together: one builds, both read it."""
+    import multiprocessing
+
+    write_wds(tmp_path / "wds", 6)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        got = pool.map(_count, [str(tmp_path / "wds")] * 2)
+    assert got == [6, 6]
+    assert json.loads((tmp_path / "wds" / "index.json").read_text())["shards"]
+    assert not list((tmp_path / "wds").glob("*.tmp"))
+
+
+def _count(spec: str) -> int:
+    return open_shards(spec, progress=False).num_samples
