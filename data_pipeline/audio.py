@@ -24,6 +24,8 @@ MIN_SAMPLE_RATE = 8000
 """Lower rates cannot carry the 0–8 kHz band the model's features use."""
 SAME_SIGNAL = 0.9
 """Correlation above which the channels of a recording are taken to carry one signal."""
+SILENCE_PEAK = 1 / 32768
+"""Audio whose peak is at most one 16-bit step is digital silence: no transcript can match it."""
 
 
 class AudioError(ValueError):
@@ -128,9 +130,12 @@ def read_file(
     if audio.dtype != np.int16 and not np.isfinite(audio).all():
         raise AudioError("nonfinite_audio", f"{what}: NaN or infinite samples")
     try:
-        return to_int16_16k(audio, rate, channel)
+        pcm = to_int16_16k(audio, rate, channel)
     except AudioError as e:
         raise AudioError(e.reason, f"{what}: {e}") from None
+    if np.abs(pcm.astype(np.int32)).max() <= SILENCE_PEAK * 32768:
+        raise AudioError("silent_audio", f"{what}: digital silence (peak at most 1 LSB)")
+    return pcm
 
 
 def read_float(path: str, start: float = 0.0, duration: float | None = None,
@@ -182,6 +187,8 @@ def decode_bytes(
     if subtype in ("FLOAT", "DOUBLE") and not np.isfinite(audio).all():
         raise AudioError("nonfinite_audio", "NaN or infinite samples")
     audio = select_channel(audio, channel)
+    if np.abs(audio).max() <= SILENCE_PEAK:
+        raise AudioError("silent_audio", "digital silence (peak at most 1 LSB)")
     if rate != SAMPLE_RATE:
         import soxr
 

@@ -61,6 +61,9 @@ class RecordReader(SampleReader):
     def source(self, i: int) -> str:
         return self.records[i].path
 
+    def transcript(self, i: int) -> str:
+        return self.records[i].text
+
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
         r = self.records[i]
         if not r.text.strip():  # make-shards leaves such inputs out, the index marks them bad

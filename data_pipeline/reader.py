@@ -12,6 +12,8 @@ its shard and key:
 | ``bad_label`` / ``empty_text`` | the JSON label is not UTF-8 JSON with a ``text`` / the text is empty |
 | ``corrupt_audio`` | the FLAC/WAV does not decode (truncated, garbage) |
 | ``empty_audio`` / ``nonfinite_audio`` | zero samples / NaN or infinite samples |
+| ``silent_audio`` | digital silence (peak at most one 16-bit step) under a transcript |
+| ``channel_ambiguous`` / ``bad_channel`` | channels with different signals and no ``channel`` in the label / a channel the audio does not have |
 | ``sample_rate`` | the audio's rate differs from its label's, or is below 8 kHz |
 | ``untokenizable`` | the tokenizer gives no tokens for the text |
 | ``unk_target`` | the tokenizer maps part of the (normalised) text to ``<unk>``: it was trained on other text; above ``data.max_unk_rate`` the run stops |
@@ -44,6 +46,9 @@ ERROR_REASONS = (
     "corrupt_audio",
     "empty_audio",
     "nonfinite_audio",
+    "silent_audio",
+    "channel_ambiguous",
+    "bad_channel",
     "sample_rate",
     "untokenizable",
 )
@@ -98,6 +103,10 @@ class SampleReader(abc.ABC):
     @abc.abstractmethod
     def source(self, i: int) -> str:
         """Where sample ``i`` lives (its shard, or its audio file), for error counts/messages."""
+
+    @abc.abstractmethod
+    def transcript(self, i: int) -> str:
+        """The text of sample ``i`` as given (no audio read); raises AudioError(reason)."""
 
     @abc.abstractmethod
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
@@ -181,16 +190,28 @@ class BatchReader(SampleReader):
             raise AudioError("corrupt_member", f"member cut short ({len(data)} of {size} bytes)")
         return data
 
-    def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
+    def _label(self, i: int):
+        """(open shard file, parsed label) of sample ``i``."""
         sid = int(self.catalog.shard_of[i])
-        audio_off, audio_size, json_off, json_size = self.catalog.members[i].tolist()
+        _, _, json_off, json_size = self.catalog.members[i].tolist()
         try:
             f = self._file(sid)
         except FileNotFoundError as e:
             raise AudioError("missing_shard", str(e)) from e
         ext = "txt" if self.catalog.label_txt[i] else "json"
-        meta = parse_label(self._member(f, json_off, json_size), self.catalog.text_keys[sid], ext)
-        audio = decode_bytes(self._member(f, audio_off, audio_size), meta.get("sample_rate"))
+        return f, parse_label(
+            self._member(f, json_off, json_size), self.catalog.text_keys[sid], ext
+        )
+
+    def transcript(self, i: int) -> str:
+        return self._label(i)[1]["text"]
+
+    def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
+        f, meta = self._label(i)
+        audio_off, audio_size = self.catalog.members[i, :2].tolist()
+        audio = decode_bytes(
+            self._member(f, audio_off, audio_size), meta.get("sample_rate"), meta.get("channel")
+        )
         return audio, meta["text"], self.tokenize(meta["text"])
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_loader import write_corpus
 
 from omni_ds.cli import main
 
@@ -14,21 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def corpus(tmp_path_factory) -> Path:
+    """A small real corpus (shards + tokenizer): the checks read the data too."""
+    global CORPUS
+    CORPUS = write_corpus(tmp_path_factory.mktemp("corpus"), (8,), vocab=32)
+    return CORPUS
+
+
 def _experiment(tmp_path: Path, ds: dict | None = None, *, whole=False, **sections) -> Path:
-    """configs/tiny.yaml with ``sections`` merged in; its DeepSpeed JSON is zero2_bf16.json
-    updated with ``ds`` (or ``ds`` alone when ``whole``)."""
+    """configs/tiny.yaml on :data:`CORPUS` with ``sections`` merged in; its DeepSpeed JSON is
+    zero2_bf16.json updated with ``ds`` (or ``ds`` alone when ``whole``)."""
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     base = {} if whole else json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
     base.update(ds or {})
     (tmp_path / "ds.json").write_text(json.dumps(base))
     data["deepspeed"] = str(tmp_path / "ds.json")
-    for split in ("train", "dev"):  # the checks only look for the paths
-        (tmp_path / split).mkdir(exist_ok=True)
-    (tmp_path / "tokenizer.model").touch()
     data["data"].update(
-        train=[str(tmp_path / "train")],
-        dev={"dev": str(tmp_path / "dev")},
-        tokenizer=str(tmp_path / "tokenizer.model"),
+        train=[str(CORPUS)], dev={"dev": str(CORPUS)}, tokenizer=str(CORPUS / "tokenizer.model")
     )
     data.setdefault("train", {})["max_steps"] = 100
     for name, value in sections.items():

@@ -14,7 +14,9 @@ Every problem is reported at once, each naming its key, its value and the fix:
   issue 8475); ZeRO-1/2 count every expert once (``tests/test_engine.py`` checks it);
 * ZeRO-Offload with a torch optimizer but ``zero_force_ds_cpu_optimizer`` left on;
 * a decaying LR schedule shorter than ``train.max_steps``;
-* missing files (the DeepSpeed JSON, data and tokenizer paths).
+* missing files (the DeepSpeed JSON, data and tokenizer paths);
+* data readiness (``omni_ds.config.data_ready``): sources that name no shards or no usable
+  sample, a tokenizer that does not cover the transcripts or exceeds ``model.vocab_size``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omni_ds.config.data_ready import check_data
 from omni_ds.config.experiment import ExperimentConfig, load_config
 from omni_ds.config.model import MoEConfig
 
@@ -325,7 +328,7 @@ def check_experiment(
         cfg = load_config(config, overrides)
     except ValueError as e:  # ConfigError, or data_pipeline's plain ValueError
         return None, None, [str(e)]
-    problems = check_files(cfg)
+    problems = check_files(cfg) + check_data(cfg)
     ds = None
     if Path(cfg.deepspeed).is_file():
         try:
