@@ -130,12 +130,17 @@ def read_file(
     if audio.dtype != np.int16 and not np.isfinite(audio).all():
         raise AudioError("nonfinite_audio", f"{what}: NaN or infinite samples")
     try:
-        pcm = to_int16_16k(audio, rate, channel)
+        return to_int16_16k(audio, rate, channel)
     except AudioError as e:
         raise AudioError(e.reason, f"{what}: {e}") from None
-    if np.abs(pcm.astype(np.int32)).max() <= SILENCE_PEAK * 32768:
+
+
+def reject_silence(audio: np.ndarray, what: str = "audio") -> None:
+    """Raise ``silent_audio`` for digital silence (int16 or float in [-1, 1]): audio that comes
+    with a transcript cannot be silent, so the pair is mislabelled."""
+    peak = np.abs(audio.astype(np.float64)).max()
+    if peak <= SILENCE_PEAK * (32768 if audio.dtype == np.int16 else 1):
         raise AudioError("silent_audio", f"{what}: digital silence (peak at most 1 LSB)")
-    return pcm
 
 
 def read_float(path: str, start: float = 0.0, duration: float | None = None,
@@ -187,8 +192,7 @@ def decode_bytes(
     if subtype in ("FLOAT", "DOUBLE") and not np.isfinite(audio).all():
         raise AudioError("nonfinite_audio", "NaN or infinite samples")
     audio = select_channel(audio, channel)
-    if np.abs(audio).max() <= SILENCE_PEAK:
-        raise AudioError("silent_audio", "digital silence (peak at most 1 LSB)")
+    reject_silence(audio)
     if rate != SAMPLE_RATE:
         import soxr
 

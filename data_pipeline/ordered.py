@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.audio import AudioError, file_seconds, read_float
+from data_pipeline.audio import AudioError, file_seconds, read_float, reject_silence
 from data_pipeline.manifests import Record, input_format, read_input
 from data_pipeline.plan import Catalog, pack, share_of_rank
 from data_pipeline.reader import BatchReader, DataError, PlannedBatches, SampleReader
@@ -69,6 +69,7 @@ class RecordReader(SampleReader):
         if not r.text.strip():  # make-shards leaves such inputs out, the index marks them bad
             raise AudioError("empty_text", "empty transcript")
         audio = read_float(r.path, r.start, r.duration, r.channel, r.member)
+        reject_silence(audio, r.path)
         return audio, r.text, self.tokenize(r.text)
 
 

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.audio import SAMPLE_RATE, AudioError, encode_flac, file_seconds, read_file
+from data_pipeline.audio import (
+    SAMPLE_RATE,
+    AudioError,
+    encode_flac,
+    file_seconds,
+    read_file,
+    reject_silence,
+)
 from data_pipeline.index import scan_shard, write_index
 from data_pipeline.manifests import Problem, Record
 
@@ -115,6 +122,7 @@ def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
                 continue
             try:
                 pcm = read_file(r.path, r.start, r.duration, r.channel, r.member)
+                reject_silence(pcm, r.path)
             except AudioError as e:
                 problems.append(Problem(r.key, r.path, e.reason, str(e)))
                 continue

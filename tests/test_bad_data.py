@@ -190,3 +190,65 @@ def test_dev_and_eval_reading_of_the_salted_corpus(salted):
     assert dict(total) == EXPECTED
     with pytest.raises(DataError, match=r"shard-000000\.tar: sample 'garbage' is unusable"):
         OrderedReader(salted)
+
+
+def test_bad_input_mix_from_a_manifest_keeps_every_good_sample_and_names_every_bad_one(tmp_path):
+    """make-shards then one training epoch over a manifest salted with every kind of bad input."""
+    from synth_speech import speech_like
+
+    from data_pipeline.shards import REPORT_FILE
+
+    def tone(seconds: float, rate: int, freq: float) -> np.ndarray:
+        return 0.4 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
+
+    good = np.round(speech_like(1.2, 3) * 32767).astype(np.int16)
+    sf.write(tmp_path / "good.flac", good, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "rate8k.wav", tone(1.0, 8000, 300), 8000, subtype="PCM_16")
+    stereo = np.repeat(tone(1.0, 44100, 1000)[:, None], 2, 1)
+    sf.write(tmp_path / "stereo44k.wav", stereo, 44100, subtype="PCM_16")
+    flac = (tmp_path / "good.flac").read_bytes()
+    (tmp_path / "truncated.flac").write_bytes(flac[: len(flac) // 2])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    nan = tone(0.5, 16000, 440).astype(np.float32)
+    nan[10] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    (tmp_path / "notaudio.wav").write_text("this is a text file\n" * 20)
+    sf.write(tmp_path / "silence.flac", np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    long = np.round(speech_like(45.0, 4) * 32767).astype(np.int16)
+    sf.write(tmp_path / "long45.flac", long, 16000, subtype="PCM_16")
+    rows = [
+        ("good", "good.flac", "a good one"), ("rate8k", "rate8k.wav", "eight k"),
+        ("stereo44k", "stereo44k.wav", "stereo"), ("truncated", "truncated.flac", "cut"),
+        ("empty", "empty.wav", "nothing"), ("nan", "nan.wav", "nan"),
+        ("notaudio", "notaudio.wav", "text"), ("missing", "missing.flac", "gone"),
+        ("notext", "good.flac", ""), ("silence", "silence.flac", "quiet"),
+        ("long45", "long45.flac", "forty five seconds"),
+    ]  # fmt: skip
+    lines = [json.dumps({"audio_filepath": p, "text": t, "key": k}) for k, p, t in rows]
+    lines.insert(3, '{"audio_filepath": "good.flac", "text": ')  # a malformed line
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    from omni_ds.cli import main
+
+    assert main(["make-shards", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out"),
+                 "--workers", "1"]) == 0  # fmt: skip
+    report = {r["key"]: (r["reason"], r["error"])
+              for r in map(json.loads, (tmp_path / "out" / REPORT_FILE).open())}  # fmt: skip
+    assert {k: reason for k, (reason, _) in report.items()} == {
+        "line4": "bad_label", "truncated": "unreadable_audio", "empty": "unreadable_audio",
+        "nan": "nonfinite_audio", "notaudio": "unreadable_audio", "missing": "missing_audio",
+        "notext": "empty_text", "silence": "silent_audio",
+    }  # fmt: skip
+    assert report["missing"][1] == f"file not found: {tmp_path / 'missing.flac'}"
+    # The good ones, bit-exact or correctly resampled; the 45 s one is kept in the shards.
+    cfg = DataConfig(train=[tmp_path / "out"], max_duration=30.0, max_batch_seconds=30.0,
+                     num_buckets=1, num_workers=0)  # fmt: skip
+    loader = SpeechLoader(cfg)
+    got = {k: b["audio"][j, : b["audio_lens"][j]].numpy()
+           for b in loader for j, k in enumerate(b["keys"])}  # fmt: skip
+    assert sorted(got) == ["good", "rate8k", "stereo44k"]
+    assert loader.skipped() == {"too_long": 1}  # the 45 s utterance, by the duration filter
+    np.testing.assert_array_equal(np.round(got["good"] * 32768).astype(np.int16), good)
+    for key, freq in (("rate8k", 300), ("stereo44k", 1000)):
+        assert len(got[key]) == 16000
+        middle = slice(400, 15600)  # away from the resampler's edges
+        np.testing.assert_allclose(got[key][middle], tone(1.0, 16000, freq)[middle], atol=2e-3)

@@ -118,3 +118,54 @@ def test_ranks_indexing_at_once_build_one_index(tmp_path):
 
 def _count(spec: str) -> int:
     return open_shards(spec, progress=False).num_samples
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_webdataset_shards_train_on_two_ranks_as_they_are(tmp_path):
+    """webdataset.ShardWriter shards, json and txt labels, brace-named, no index and no omni-ds
+    preparation: `omni-ds train` indexes them itself and trains 3 steps on 2 ranks."""
+    import sentencepiece as spm
+    import webdataset as wds
+    from harness import run_command
+
+    from data_pipeline.synth import splits, utterance
+    from omni_ds.train.metrics import read_metrics
+
+    split, texts = splits(120)[0], []
+    for label, first in (("json", 0), ("txt", 24)):
+        pattern = str(tmp_path / f"{label}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=8, verbose=0) as sink:
+            for i in range(first, first + 24):
+                key, pcm, meta = utterance(split, i, 0, 0.0)
+                buf = io.BytesIO()
+                sf.write(buf, pcm, 16000, format="FLAC", subtype="PCM_16")
+                text = {"text": meta["text"]} if label == "json" else meta["text"]
+                sink.write({"__key__": key, "flac": buf.getvalue(), label: text})
+                texts.append(meta["text"])
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=40, hard_vocab_limit=False, bos_id=-1, eos_id=-1,
+                                   minloglevel=2)  # fmt: skip
+    run = tmp_path / "run"
+    options = [
+        f"train.run_dir={run}",
+        f"data.train=['{tmp_path}/json-{{000000..000002}}.tar', '{tmp_path}/txt-{{000000..000002}}.tar']",
+        f"data.dev={{dev: '{tmp_path}/txt-000002.tar'}}",
+        f"data.tokenizer={tmp_path}/sp.model",
+        "data.max_batch_seconds=12", "data.max_duration=10", "data.num_workers=0", "deepspeed=ds_configs/zero1_fp32.json",
+        "model.moe.ep_size=2", "train.max_steps=3", "train.log_every=1", "train.dev_every=3",
+        "train.progress_bar=false",
+    ]  # fmt: skip
+    argv = ["omni-ds", "train", "configs/tiny.yaml", *[a for o in options for a in ("--set", o)]]
+    ranks = run_command(argv, 2)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    (dev,) = read_metrics(run, kind="dev/dev")
+    assert dev["utterances"] == 8 and dev["skipped"] == 0
+    assert "index " in ranks[0].stderr + ranks[1].stderr  # built once, with progress lines
+    for label in ("json", "txt"):  # ... by train itself, every sample usable
+        spec = f"{tmp_path}/{label}-{{000000..000002}}.tar"
+        assert index_location(spec).is_file()
+        shard_set = open_shards(spec)
+        assert shard_set.num_samples == 24 and not any(s["bad"] for s in shard_set.shards)

@@ -1,8 +1,8 @@
 """Transcribe audio files with an exported model; prints one line per file: PATH<TAB>TEXT.
 
 Files of any sample rate and channel count that soundfile reads (FLAC, WAV, OGG, ...) are mixed to
-mono and resampled to 16 kHz, decoded in batches, with CTC greedy decoding or, with --beam-size,
-a CTC prefix beam search.
+mono (or ``--channel N`` is kept) and resampled to 16 kHz, decoded in batches, with CTC greedy
+decoding or, with --beam-size, a CTC prefix beam search.
 
     omni-ds transcribe models/omni a.flac b.wav --beam-size 8
 """
@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="files per batch (default 16)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--channel",
+        default="mix",
+        metavar="N|mix",
+        help="channel of multi-channel files: 0-based number, or mix (the default)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     paths = list(args.audio)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        audio, lens = pad([read_float(p) for p in chunk], np.float32)
+        channel = int(args.channel) if args.channel.isdigit() else args.channel
+        audio, lens = pad([read_float(p, channel=channel) for p in chunk], np.float32)
         for path, text in zip(chunk, transcriber.texts(transcriber.decode(audio, lens))):
             print(f"{path}\t{text}", flush=True)
     return 0
