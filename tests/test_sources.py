@@ -13,7 +13,9 @@ import soundfile as sf
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import DataError, SpeechLoader
+from data_pipeline.ordered import OrderedReader
 from data_pipeline.sources import SourceError, cache_dir, expand, index_location, open_shards
+from data_pipeline.tokenizer import Tokenizer
 from omni_ds.cli import main
 
 
@@ -59,6 +61,11 @@ def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
     sub = open_shards(f"{d}/shard-{{000001..000002}}.tar")
     assert keys(sub) == [f"utt{i:03d}" for i in range(3, 9)]
     assert index_location(f"{d}/shard-{{000001..000002}}.tar").parent == cache_dir()
+    # eval/analyze (the ordered reader) and train-tokenizer take the same forms.
+    reader = OrderedReader(f"{d}/shard-{{000001..000002}}.tar", batch_seconds=100.0)
+    assert [k for b in reader for k in b["keys"]] == [f"utt{i:03d}" for i in range(3, 9)]
+    assert main(["train-tokenizer", f"{d}/*.tar", "--vocab", "24", "--out", str(d / "sp")]) == 0
+    assert Tokenizer(d / "sp.model").decode(Tokenizer(d / "sp.model").encode("Word 7")) == "word 7"
     with pytest.raises(SourceError, match=r"2 of the 6 shards it expands to do not exist .*"
                                           r"shard-000004\.tar\); check the pattern"):  # fmt: skip
         expand(f"{d}/shard-{{000000..000005}}.tar")
