@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -11,8 +13,16 @@ import pytest
 import torch
 from harness import run_function
 
-from omni_ds.ckpt.format import MANIFEST, complete_checkpoints, latest_checkpoint, tag_of
+from omni_ds.ckpt.format import (
+    MANIFEST,
+    complete_checkpoints,
+    latest_checkpoint,
+    tag_of,
+    verify,
+    write_manifest,
+)
 from omni_ds.config.train import CheckpointConfig
+from omni_ds.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,3 +165,112 @@ def test_save_policy_by_steps_and_by_minutes(tmp_path):
     assert not by_time.due(1)
     time.sleep(0.6)
     assert by_time.due(2)
+
+
+def _copy_tag(straight, tmp_path, tag: str = "step_6") -> Path:
+    return Path(shutil.copytree(straight[0] / "checkpoints" / tag, tmp_path / tag))
+
+
+@pytest.mark.distributed
+def test_every_file_has_a_checksum_and_a_same_size_change_is_caught(straight, tmp_path, capsys):
+    """64 bytes flipped inside rank 0's ZeRO shard keep its size: the manifest's checksum
+    catches it, in ``omni-ds ckpt verify`` and before export reads the checkpoint."""
+    from omni_ds.ckpt.consolidate import consolidate
+    from omni_ds.cli import main
+
+    tag = _copy_tag(straight, tmp_path)
+    files = json.loads((tag / MANIFEST).read_text())["files"]
+    assert set(files) == {p.name for p in tag.iterdir()} - {MANIFEST}
+    assert all(len(entry["xxh3_128"]) == 32 for entry in files.values())
+    assert verify(tag) == [] and main(["ckpt", "verify", str(tag)]) == 0
+    shard = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[-2000:-1936] = bytes(b ^ 0x5A for b in data[-2000:-1936])
+    shard.write_bytes(bytes(data))
+    (problem,) = verify(tag)
+    assert problem == f"{shard} does not match its checksum (its bytes changed after the save)"
+    capsys.readouterr()
+    assert main(["ckpt", "verify", str(tag)]) == 1
+    assert str(shard) in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="does not verify: .*zero_pp_rank_0"):
+        consolidate(tag)
+
+
+@pytest.mark.distributed
+def test_one_byte_changed_in_any_kind_of_file_is_detected(straight, tmp_path):
+    tag = _copy_tag(straight, tmp_path)
+    kinds = ["mp_rank_00_model_states.pt", "layer_1_expert_2_mp_rank_00_model_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", MANIFEST]  # fmt: skip
+    for name in kinds:
+        original = (tag / name).read_bytes()
+        for at in (0, len(original) // 2, len(original) - 1):
+            damaged = bytearray(original)
+            damaged[at] ^= 0x01
+            (tag / name).write_bytes(bytes(damaged))
+            assert verify(tag), (name, at)
+        (tag / name).write_bytes(original[:-1])
+        assert verify(tag), name
+        (tag / name).write_bytes(original)
+        assert verify(tag) == []
+
+
+def _plant_callable(tag: Path, name: str, marker: Path) -> None:
+    """Add a pickled ``os.system`` call to ``tag/name`` and make the manifest match it (someone
+    who can write a checkpoint can write its manifest)."""
+    from omni_ds.ckpt.integrity import HASH, file_digest
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = torch.load(tag / name, weights_only=False)
+    state["ds_version"] = Payload()
+    torch.save(state, tag / name)
+    manifest = json.loads((tag / MANIFEST).read_text())
+    size, digest = file_digest(tag / name)
+    manifest["files"][name] = {"size": size, HASH: digest}
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(tag) == []
+
+
+def load_refused(path: str) -> str:
+    """:func:`load_on_one_rank`, returning the refusal."""
+    try:
+        load_on_one_rank(path)
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused(straight, tmp_path):
+    """In omni-ds's readers (export, reshard) and inside DeepSpeed's own load_checkpoint: the
+    payload sits in a ZeRO shard of a checkpoint already laid out for one rank, so only the
+    engine reads it."""
+    from omni_ds.ckpt.consolidate import consolidate
+    from omni_ds.ckpt.reshard import reshard
+    from omni_ds.ckpt.zero import ZeroCheckpoint
+
+    marker = tmp_path / "payload-ran"
+    tag = _copy_tag(straight, tmp_path)
+    _plant_callable(tag, "mp_rank_00_model_states.pt", marker)
+    for read in (consolidate, ZeroCheckpoint):
+        with pytest.raises(CheckpointError, match="refused: it pickles posix.system"):
+            read(tag)
+
+    run = tmp_path / "run" / "checkpoints"
+    one_rank = reshard(_copy_tag(straight, run), run / "step_6.reshard-w1-ep1", world_size=1,
+                       ep_size=1)  # fmt: skip
+    _plant_callable(one_rank, "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    (refusal,) = run_function(load_refused, 1, args=(str(run / "step_6"),), timeout=240)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt refused: it pickles posix.system" in refusal
+    assert not marker.exists()
+
+
+def test_write_manifest_digests_what_the_writers_did_not(tmp_path):
+    (tmp_path / "a.pt").write_bytes(b"abc")
+    (tmp_path / "b.pt").write_bytes(b"defg")
+    write_manifest(tmp_path, step=1, world_size=1, ep_size=1, digests={"a.pt": (3, "given")})
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert files["a.pt"] == {"size": 3, "xxh3_128": "given"}
+    assert files["b.pt"]["size"] == 4 and len(files["b.pt"]["xxh3_128"]) == 32

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
 from omni_ds.cli import main
-from omni_ds.train.metrics import read_metrics
+from omni_ds.train.metrics import read_metrics, read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -82,8 +82,8 @@ def tensorboard_steps(run_dir: Path) -> list[list[int]]:
 
 
 def samples(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
-    lines = (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
+    records = read_records(run_dir / "samples" / f"rank{rank}.jsonl")
+    return [(r["step"], r["keys"]) for r in records]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -17,7 +17,7 @@ import torch
 from harness import run_command, start_command
 
 from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
-from omni_ds.train.metrics import read_metrics
+from omni_ds.train.metrics import read_metrics, read_records
 from omni_ds.train.trainer import EXIT_REQUEUE
 
 pytestmark = pytest.mark.distributed
@@ -58,8 +58,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def sample_log(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
-    lines = (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
+    records = read_records(run_dir / "samples" / f"rank{rank}.jsonl")
+    return [(r["step"], r["keys"]) for r in records]
 
 
 def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -218,3 +218,44 @@ def test_train_refuses_a_bad_config_before_starting(corpus, tmp_path, capsys):
     assert main(argv) == 2
     assert "DeepSpeed's CPU accelerator refuses fp16" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_fall_back_or_refuse_and_logs_are_appended(corpus, tmp_path):
+    """One rank, checkpoints at steps 2 and 4, dev evaluations at 2 and 4. One flipped byte in
+    step_4 (same size): ``--resume auto`` falls back to step_2, says so, redoes steps 3-4 with
+    the same losses and the same dev loss (dev evaluation depends on the weights only, not on
+    how many evaluations this process ran), appending to metrics.jsonl with a resume line. Then
+    every checkpoint one byte short: refused with exit 2, nothing trained, nothing rewritten."""
+    run = tmp_path / "run"
+    argv = train_argv(corpus, run, "model.moe.ep_size=1", "train.max_steps=4", "train.dev_every=2",
+                      "checkpoint.every_steps=2", "checkpoint.keep_last=2")  # fmt: skip
+    run_command(argv, 1)
+    straight, straight_dev = losses(run), read_metrics(run, kind="dev/dev")
+    assert [d["step"] for d in straight_dev] == [2, 4]
+    _flip_byte(run / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt")
+
+    (result,) = run_command([*argv, "--resume", "auto"], 1)
+    assert "passed over: step_4:" in result.stderr and "checksum" in result.stderr
+    assert losses(run) == straight
+    assert read_metrics(run, kind="dev/dev") == straight_dev  # exactly, dev loss included
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (mark,) = [x for x in lines if x["kind"] == "resume"]
+    assert (mark["step"], mark["checkpoint"], mark["passed_over"]) == (2, "step_2", ["step_4"])
+    assert len(lines) == len(straight) + 2 + 1 + 2 + 1  # first run, then resume + steps 3-4 + dev
+
+    for tag in (run / "checkpoints").glob("step_*"):
+        main = tag / "mp_rank_00_model_states.pt"
+        main.write_bytes(main.read_bytes()[:-1])
+    before = (run / "metrics.jsonl").read_text()
+    (result,) = run_command([*argv, "--resume", "auto"], 1, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "none verifies" in x]
+    assert "holds 2 checkpoint(s)" in line and "--resume none" in line, line
+    assert (run / "metrics.jsonl").read_text() == before

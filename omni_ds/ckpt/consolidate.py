@@ -26,7 +26,7 @@ from omni_ds.ckpt.format import (
     MAIN_FILE,
     ZERO_FILE,
     load_file,
-    resolve_tag_dir,
+    verified_tag_dir,
 )
 from omni_ds.ckpt.zero import ZeroCheckpoint
 from omni_ds.errors import CheckpointError
@@ -54,8 +54,9 @@ class Consolidated:
 
 
 def consolidate(path: str | Path) -> Consolidated:
-    """Merge the checkpoint at ``path`` (see :func:`resolve_tag_dir`) into one fp32 state dict."""
-    tag_dir = resolve_tag_dir(path)
+    """Merge the checkpoint at ``path`` (see :func:`~omni_ds.ckpt.format.resolve_tag_dir`) into
+    one fp32 state dict; a tag whose files do not match their checksums is refused."""
+    tag_dir = verified_tag_dir(path)
     main = load_file(tag_dir / MAIN_FILE)
     state = dict(main["module"])
     expert_files = [p for p in sorted(tag_dir.iterdir()) if EXPERT_FILE.fullmatch(p.name)]
@@ -73,7 +74,7 @@ def consolidate(path: str | Path) -> Consolidated:
     )
     has_shards = any(ZERO_FILE.fullmatch(p.name) for p in tag_dir.iterdir())
     if low_precision and has_shards:
-        shards = ZeroCheckpoint(tag_dir)
+        shards = ZeroCheckpoint(tag_dir, verify=False)
         for name in shards.names():
             if name not in state:
                 raise CheckpointError(f"{tag_dir}: ZeRO shards hold {name!r}, the module does not")

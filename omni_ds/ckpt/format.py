@@ -11,10 +11,13 @@ and ``latest``, and DeepSpeed's local -> global expert ids.
       [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's ZeRO-1/2 optimizer shard
       omni_ds_manifest.json           omni-ds's completeness marker, written last: step, world
                                       size, ep_size, every other file of the tag with its size
+                                      and checksum (:mod:`omni_ds.ckpt.integrity`)
     step_<N>.reshard-w<W>-ep<K>/    step_<N> rewritten for W ranks and ep_size K (on resume)
     latest                          the tag of the newest complete checkpoint
 
-A tag counts as complete only when its manifest is there and every file it lists has its size.
+A tag counts as complete only when its manifest is there and every file it lists has its size;
+it *verifies* when every file also has its checksum (:func:`verify`, run before anything loads
+it). Files are read with :func:`omni_ds.ckpt.safe_load.safe_load` (no pickled code).
 Expert-parallel rank ``r % K`` of a run with ep_size K holds E / K experts of each MoE layer;
 its local expert ``i`` is global expert ``(r % K) * E / K + i`` (:func:`global_expert_name`).
 """
@@ -27,8 +30,8 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
+from omni_ds.ckpt import integrity
+from omni_ds.ckpt.safe_load import safe_load
 from omni_ds.errors import CheckpointError
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
@@ -95,17 +98,9 @@ def global_expert_name(local: str, ep_rank: int, per_rank: int) -> str:
 
 
 def load_file(path: Path) -> dict:
-    """One checkpoint file, memory-mapped (tensors are read when used); a missing or damaged file
-    raises :class:`CheckpointError` naming it."""
-    try:
-        # DeepSpeed pickles its own classes (fragment_address, LossScaler): weights_only cannot
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
-    except Exception as e:
-        raise CheckpointError(
-            f"{path} is damaged and cannot be read ({type(e).__name__}: {e})"
-        ) from e
+    """One checkpoint file, memory-mapped (tensors are read when used); a missing, damaged or
+    unsafe file raises :class:`CheckpointError` naming it."""
+    return safe_load(path, mmap=True)
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -134,28 +129,82 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a power loss only once its directory is synced
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
-def write_manifest(tag_dir: Path, *, step: int, world_size: int, ep_size: int, **extra) -> None:
-    """Mark ``tag_dir`` complete, once every file of it is on disk: list them with their sizes."""
-    files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*"))
-             if f.is_file() and f.name != MANIFEST}  # fmt: skip
+def write_manifest(tag_dir: Path, *, step: int, world_size: int, ep_size: int,
+                   digests: dict[str, tuple[int, str]] | None = None, **extra) -> None:  # fmt: skip
+    """Mark ``tag_dir`` complete, once every file of it is on disk: list them with their sizes
+    and checksums. ``digests`` (name -> (size, digest)) are those the writers took; any other
+    file, or one whose size changed since, is read (and fsynced) here."""
+    digests = digests or {}
+    files = {}
+    for f in sorted(tag_dir.rglob("*")):
+        if not f.is_file() or f.name == MANIFEST:
+            continue
+        name = str(f.relative_to(tag_dir))
+        size, digest = digests.get(name, (None, None))
+        if size != f.stat().st_size:
+            size, digest = integrity.file_digest(f, fsync=True)
+        files[name] = {"size": size, integrity.HASH: digest}
     manifest = {"step": step, "world_size": world_size, "ep_size": ep_size, "files": files,
                 "time": time.time(), **extra}  # fmt: skip
     write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def _entry_size(entry) -> int:
+    return entry if isinstance(entry, int) else entry["size"]  # an int: before checksums
+
+
 def read_manifest(path: Path) -> dict | None:
-    """The manifest of a complete checkpoint directory, or None when incomplete or damaged."""
+    """The manifest of a complete checkpoint directory (every file there with its size), or None
+    when incomplete or damaged. Checksums are :func:`verify`'s."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    for name, size in manifest["files"].items():
+    for name, entry in manifest["files"].items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
+        if not f.is_file() or f.stat().st_size != _entry_size(entry):
             return None
     return manifest
+
+
+def verify(tag_dir: Path, names: list[str] | None = None) -> list[str]:
+    """What keeps checkpoint ``tag_dir`` from verifying, one line each (empty: it verifies):
+    no readable manifest, or files (only ``names`` of them if given) missing, resized or
+    changed."""
+    try:
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{tag_dir / MANIFEST} is missing or unreadable ({type(e).__name__}); the save "
+                "did not finish"]  # fmt: skip
+    if names is None:
+        names = sorted(files)
+    return integrity.problems(tag_dir, files, names)
+
+
+def manifest_files(tag_dir: Path) -> list[str]:
+    """The names a checkpoint's manifest lists (empty when it has none)."""
+    try:
+        return sorted(json.loads((tag_dir / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def verified_tag_dir(path: str | Path) -> Path:
+    """:func:`resolve_tag_dir`, checked by :func:`verify` when the tag has an omni-ds manifest
+    (a DeepSpeed checkpoint written without omni-ds has nothing to check against)."""
+    tag_dir = resolve_tag_dir(path)
+    if (tag_dir / MANIFEST).exists():
+        found = verify(tag_dir)
+        if found:
+            raise CheckpointError(f"{tag_dir} does not verify: " + "; ".join(found))
+    return tag_dir
 
 
 def write_latest(directory: Path, tag: str) -> None:

@@ -1,8 +1,9 @@
 """Sharded checkpoints through DeepSpeed, made atomic, resumable exactly, and pruned.
 
-``Checkpointer.save`` writes tag ``step_<N>`` with DeepSpeed's ``save_checkpoint``, then (rank 0,
-after a barrier: every rank's shards are on disk) the manifest and ``latest``, each replaced
-atomically (the layout: :mod:`omni_ds.ckpt.format`). DeepSpeed's own ``latest`` is written by
+``Checkpointer.save`` writes tag ``step_<N>`` with DeepSpeed's ``save_checkpoint`` (each rank
+digests and fsyncs what it wrote: :mod:`omni_ds.ckpt.engine_io`), then (rank 0, after a barrier:
+every rank's shards are on disk) the manifest with every file's size and checksum, and
+``latest``, each replaced atomically (the layout: :mod:`omni_ds.ckpt.format`). DeepSpeed's own ``latest`` is written by
 rank 0 *before* the final barrier, so it can name a tag whose other shards are still being
 written; it is not written here. A crash mid-save leaves a tag without a manifest, which loading
 never picks and the next save of that tag clears.
@@ -12,6 +13,8 @@ state are all-gathered into the client state (only rank 0 writes it) and each ra
 own entry. A checkpoint written with another world size or ep_size is first resharded for this
 run into ``step_<N>.reshard-w<W>-ep<K>/`` next to it
 (:func:`omni_ds.ckpt.reshard.reshard_for_resume`).
+
+Which checkpoint a resume loads, verified, is :mod:`omni_ds.ckpt.select`'s decision.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ import numpy as np
 import torch
 
 from omni_ds import dist
+from omni_ds.ckpt.engine_io import install
 from omni_ds.ckpt.format import (
     CLIENT_KEY,
-    MANIFEST,
     complete_checkpoints,
-    latest_checkpoint,
     read_manifest,
     step_of,
     tag_of,
     write_latest,
     write_manifest,
 )
+from omni_ds.ckpt.select import select_resume
 from omni_ds.config.train import CheckpointConfig
 from omni_ds.errors import CheckpointError
 
@@ -71,6 +74,9 @@ class Checkpointer:
         self.rank = dist.rank()
         self.world_size = dist.world_size()
         self._last_save = time.monotonic()
+        self._io = install(engine) if engine is not None else None
+        self.passed_over: list[str] = []
+        """Newer checkpoints :meth:`resume_path` passed over because they did not verify."""
 
     def due(self, step: int) -> bool:
         """Whether the policy asks for a save after ``step``; all ranks get rank 0's answer."""
@@ -104,10 +110,14 @@ class Checkpointer:
                 "data": dist.gather_objects(data_state),
             }
         }
+        self._io.take_written()
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk
-        if self.rank == 0:
-            write_manifest(path, step=step, world_size=self.world_size, ep_size=self.ep_size)
+        written = {str(Path(f).relative_to(path)): d for f, d in self._io.take_written().items()
+                   if Path(f).parent == path}  # fmt: skip
+        digests = {k: v for part in dist.gather_objects(written) for k, v in part.items()}
+        if self.rank == 0:  # every rank's shards are on disk (the gather is a barrier)
+            write_manifest(path, step=step, world_size=self.world_size, ep_size=self.ep_size,
+                           digests=digests)  # fmt: skip
             write_latest(self.dir, tag)
             self._prune(keep=path)
         dist.barrier()
@@ -127,30 +137,18 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def resume_path(self, resume: str) -> Path | None:
-        """The checkpoint ``resume`` (auto | none | a directory) selects, or None to start fresh."""
-        if resume == "none":
-            if latest_checkpoint(self.dir) is not None:
-                raise CheckpointError(
-                    f"{self.dir} already holds checkpoints and checkpoint.resume is 'none'; use "
-                    "--resume auto to continue, or pick a new train.run_dir"
-                )
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.dir)
-        path = Path(resume)
-        if read_manifest(path) is None:
-            raise CheckpointError(
-                f"checkpoint.resume: {resume!r} is not a complete omni-ds checkpoint (no valid "
-                f"{MANIFEST}); name a RUN/checkpoints/step_N directory"
-            )
-        return path
+        """The checkpoint ``resume`` (auto | none | a directory) selects, or None to start fresh
+        (collective; :func:`omni_ds.ckpt.select.select_resume`)."""
+        chosen = select_resume(self.dir, resume)
+        self.passed_over = chosen.passed_over
+        return chosen.path
 
     def load(self, path: Path) -> tuple[dict, Any]:
         """Load ``path`` into the engine; returns (the client dict, this rank's data state).
 
         RNG states are not touched here: call :meth:`restore_rng` last, after everything that
         draws random numbers while starting up (e.g. a DataLoader iterator draws its base seed)."""
-        manifest = read_manifest(path)
+        manifest = read_manifest(path)  # verified by resume_path
         if manifest is None:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
         if (manifest["world_size"], manifest["ep_size"]) != (self.world_size, self.ep_size):

@@ -40,6 +40,7 @@ from omni_ds.ckpt.format import (
     load_file,
     resolve_tag_dir,
     split_expert_name,
+    verified_tag_dir,
     zero_file,
 )
 from omni_ds.errors import CheckpointError
@@ -155,8 +156,9 @@ class ZeroCheckpoint:
     :meth:`plan` refuses to reshard (e.g. ``round_robin_gradients``, or bf16 ZeRO-1 with fp32
     gradient accumulation, whose shards DeepSpeed's ``BF16_Optimizer`` writes)."""
 
-    def __init__(self, path: str | Path):
-        self.tag_dir = resolve_tag_dir(path)
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        # verify=False: the caller verified the tag already
+        self.tag_dir = verified_tag_dir(path) if verify else resolve_tag_dir(path)
         self.main = load_file(self.tag_dir / MAIN_FILE)
         self.world_size = int(self.main["dp_world_size"])
         self.num_experts = list(self.main.get("num_experts") or [])

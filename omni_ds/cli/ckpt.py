@@ -1,6 +1,7 @@
 """Inspect, reshard or consolidate a sharded DeepSpeed ZeRO + expert-parallel checkpoint.
 
     omni-ds ckpt inspect runs/omni                      # layout, step, sizes of the latest one
+    omni-ds ckpt verify runs/omni                       # every checkpoint against its checksums
     omni-ds ckpt reshard runs/omni/checkpoints/step_400 --world-size 2 --ep-size 1 \\
         --out runs/omni2/checkpoints/step_400          # then: omni-ds train ... --resume auto
     omni-ds ckpt consolidate runs/omni --out omni.safetensors   # fp32, shared router once
@@ -8,6 +9,8 @@
 CKPT is a run dir (its latest checkpoint), RUN_DIR/checkpoints, or a checkpoint tag dir. Resharding
 rewrites weights, Adam moments, step and client state for the new layout; ``omni-ds train --resume
 auto`` does the same by itself when the world size or ep_size changed. One CPU process, no launch.
+``verify`` checks every file against the size and checksum its manifest recorded at save (of each
+checkpoint of a run dir, or of one tag) and exits 1 when one does not match.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     inspect = sub.add_parser("inspect", help="print layout, step, world size, ep_size and sizes")
     inspect.add_argument("checkpoint", metavar="CKPT")
+    verify = sub.add_parser("verify", help="check every file against the manifest's checksums")
+    verify.add_argument("checkpoint", metavar="CKPT", help="a run dir (all its checkpoints), "
+                        "RUN/checkpoints, or one tag dir")  # fmt: skip
     reshard = sub.add_parser("reshard", help="rewrite for another world size / ep_size")
     reshard.add_argument("checkpoint", metavar="CKPT")
     reshard.add_argument("--world-size", type=int, required=True, help="ranks of the new run")
@@ -67,6 +73,30 @@ def inspect(path: str) -> None:
           f"{len(ckpt.zero_files)} ZeRO shards {_size(ckpt.zero_files)}")  # fmt: skip
 
 
+def verify(path: str) -> int:
+    """Print each checkpoint's verdict; 0 when all verify, 1 otherwise."""
+    from pathlib import Path
+
+    from omni_ds.ckpt.format import MANIFEST, resolve_tag_dir
+    from omni_ds.ckpt.format import verify as problems
+    from omni_ds.ckpt.select import saved_tags
+
+    root = Path(path)
+    tags = next((saved_tags(d) for d in (root / "checkpoints", root) if saved_tags(d)), [])
+    if not tags:
+        tags = [resolve_tag_dir(root)]
+    bad = 0
+    for tag in reversed(tags):
+        found = problems(tag)
+        bad += bool(found)
+        files = [p for p in tag.iterdir() if p.name != MANIFEST]
+        verdict = "DAMAGED" if found else "ok"
+        print(f"{tag}: {verdict} ({len(files)} files, {_size(files)})")
+        for line in found:
+            print(f"  {line}")
+    return 1 if bad else 0
+
+
 def consolidate_to(path: str, out: str) -> None:
     import json
 
@@ -87,6 +117,8 @@ def consolidate_to(path: str, out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "inspect":
         inspect(args.checkpoint)
+    elif args.action == "verify":
+        return verify(args.checkpoint)
     elif args.action == "reshard":
         from omni_ds.ckpt.reshard import reshard
 

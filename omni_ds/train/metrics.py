@@ -89,8 +89,14 @@ def expert_parallel_grad_norm(model: torch.nn.Module) -> float:
     return math.sqrt(total)
 
 
+RESUME = "resume"
+"""``kind`` of the line that marks a (re)start: records after it supersede earlier ones of later
+steps (see :func:`read_records`)."""
+
+
 class JsonLines:
-    """An append-only JSON-lines file of records with a ``step``, truncatable on resume."""
+    """An append-only JSON-lines file of records with a ``step``; never truncated: a resume
+    appends a :data:`RESUME` line instead (:meth:`mark_resume`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -101,17 +107,32 @@ class JsonLines:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: after a crash they describe steps the resumed run redoes,
-        so the file keeps exactly one record per step (and kind)."""
-        self._file.close()
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a")
+    def mark_resume(self, step: int, **info) -> None:
+        """Record that training (re)starts after ``step``: a crash may have logged steps past
+        the checkpoint, which the resumed run redoes; readers keep the redone records."""
+        if step > 0 or self.path.stat().st_size > 0:
+            self.write({"kind": RESUME, "step": step, "time": time.time(), **info})
 
     def close(self) -> None:
         self._file.close()
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a :class:`JsonLines` file as the run stands: a :data:`RESUME` line at step
+    N drops the earlier records past step N (its attempt redid them); the markers themselves
+    are left out."""
+    records: list[dict] = []
+    if not Path(path).is_file():
+        return records
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("kind") == RESUME:
+            records = [r for r in records if r["step"] <= record["step"]]
+        else:
+            records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -121,9 +142,9 @@ class MetricsLog:
         self.monitor = monitor
         self.lines = JsonLines(Path(run_dir) / "metrics.jsonl") if rank == 0 else None
 
-    def truncate_after(self, step: int) -> None:
+    def mark_resume(self, step: int, **info) -> None:
         if self.lines is not None:
-            self.lines.truncate_after(step)
+            self.lines.mark_resume(step, **info)
 
     def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if self.lines is None:
@@ -139,9 +160,6 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    """The records of ``kind`` in a run's ``metrics.jsonl``, in file order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("kind") == kind]
+    """The records of ``kind`` in a run's ``metrics.jsonl``, in file order, as the run stands
+    after its resumes (:func:`read_records`)."""
+    return [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r.get("kind") == kind]

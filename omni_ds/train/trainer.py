@@ -14,7 +14,11 @@ what ``step`` counts.
 Every collective happens at the same point on every rank: the per-micro-batch
 ``agree(non-finite, stop)`` all-reduce, the log-step metric means, saves and dev evaluations are
 decided by step numbers or by rank 0's clock. On SIGUSR1/SIGTERM every rank saves at the next
-step boundary and the process exits with :data:`EXIT_REQUEUE` (75).
+step boundary and the process exits with :data:`EXIT_REQUEUE` (75); a stop that arrives before
+the first step exits 75 at once, with nothing new to save.
+
+Before anything is written into the run dir, rank 0 takes its lock (:mod:`omni_ds.train.run_lock`)
+and every rank started by a launcher watches it (:mod:`omni_ds.train.launcher_watch`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import yaml
 from data_pipeline.audio import SAMPLE_RATE
 from omni_ds import dist
 from omni_ds.ckpt.saver import Checkpointer
+from omni_ds.ckpt.select import select_resume
 from omni_ds.config.checks import check_experiment, check_host
 from omni_ds.config.experiment import ExperimentConfig
 from omni_ds.config.loading import to_dict
@@ -39,6 +44,7 @@ from omni_ds.model import build_model
 from omni_ds.train.data import make_dev_sets, make_train_loader
 from omni_ds.train.dev_eval import dev_scores
 from omni_ds.train.engine import build_engine, ds_config_for_run
+from omni_ds.train.launcher_watch import watch_launcher
 from omni_ds.train.metrics import (
     JsonLines,
     MetricsLog,
@@ -47,6 +53,7 @@ from omni_ds.train.metrics import (
     routing_summary,
     step_flops,
 )
+from omni_ds.train.run_lock import run_dir_lock
 from omni_ds.train.signals import EXIT_REQUEUE, StopRequest
 
 __all__ = ["EXIT_REQUEUE", "Counters", "NonFiniteLoss", "Trainer", "main"]
@@ -102,6 +109,8 @@ class Trainer:
                  stop: StopRequest):  # fmt: skip
         self.cfg, self.info, self.stop = cfg, info, stop
         self.run_dir = Path(cfg.train.run_dir)
+        # First: a run dir whose checkpoints do not verify is refused before anything is built.
+        self.resume_from = select_resume(self.run_dir / "checkpoints", cfg.checkpoint.resume)
         self.loader, self.tokenizer = make_train_loader(cfg, info.rank, info.world_size)
         self.dev_sets = make_dev_sets(cfg, info.rank, info.world_size, self.tokenizer)
         self.engine = build_engine(
@@ -130,7 +139,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the checkpoint ``checkpoint.resume`` selects (if any), then open the logs."""
-        path = self.checkpointer.resume_path(self.cfg.checkpoint.resume)
+        path = self.resume_from.path
         client = None
         if path is not None:
             client, rank_state = self.checkpointer.load(path)
@@ -145,14 +154,23 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.engine.monitor, rank=self.info.rank)
         if self.cfg.train.log_samples:
             self.sample_log = JsonLines(self.run_dir / "samples" / f"rank{self.info.rank}.jsonl")
-        # A crash may have logged steps past the checkpoint; the resumed run redoes them.
+        # A crash may have logged steps past the checkpoint; the resumed run redoes them, and
+        # readers keep the redone records (omni_ds.train.metrics.read_records).
+        mark = {"checkpoint": path.name if path is not None else None,
+                "passed_over": self.resume_from.passed_over}  # fmt: skip
         for log in (self.metrics, self.sample_log):
             if log is not None:
-                log.truncate_after(self.counters.step)
+                log.mark_resume(self.counters.step, **mark)
 
     def train(self) -> int:
         """Train to ``train.max_steps``; returns 0, or :data:`EXIT_REQUEUE` after a stop signal."""
         self.resume()
+        if dist.agree(self.stop.requested)[0]:  # before the first step: nothing new to save
+            print(f"stop signal before the first step; exit {EXIT_REQUEUE}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            self.close()
+            dist.shutdown()
+            return EXIT_REQUEUE
         tcfg = self.cfg.train
         bar = None
         if self.info.is_main and tcfg.progress_bar:
@@ -298,19 +316,22 @@ class Trainer:
                 log.close()
 
 
-def train(cfg: ExperimentConfig, ds_config: dict) -> int:
-    """Train ``cfg`` (already checked) with DeepSpeed ``ds_config``; returns the exit code."""
+def train(cfg: ExperimentConfig, ds_config: dict, stop: StopRequest) -> int:
+    """Train ``cfg`` (already checked) with DeepSpeed ``ds_config``; returns the exit code.
+    ``stop`` was installed before anything else (and before loader workers fork: they inherit
+    its harmless flag handler)."""
     info = dist.init_distributed()
+    watch_launcher(info.env.launcher)
     dist.seed_everything(cfg.train.seed, info.rank)
-    # Before the loader starts workers: forked workers inherit the harmless flag handler.
-    with StopRequest() as stop:
+    with run_dir_lock(Path(cfg.train.run_dir)):
         code = Trainer(cfg, ds_config, info, stop).train()
     if code == 0:
         dist.shutdown()
     return code
 
 
-def main(config: str, overrides: list[str], resume: str | None = None) -> int:
+def main(config: str, overrides: list[str], resume: str | None = None,
+         stop: StopRequest | None = None) -> int:  # fmt: skip
     """``omni-ds train``: check the config for this world size, then train."""
     world_size = dist.detect_launch_env().world_size
     if resume is not None:
@@ -322,4 +343,7 @@ def main(config: str, overrides: list[str], resume: str | None = None) -> int:
         raise ConfigError(
             f"{config}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    return train(cfg, ds_config)
+    if stop is None:
+        with StopRequest() as stop:
+            return train(cfg, ds_config, stop)
+    return train(cfg, ds_config, stop)
