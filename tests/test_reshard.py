@@ -335,11 +335,11 @@ def test_omni_ds_train_resume_auto_on_one_rank_continues_the_curve(corpus, tmp_p
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_omni_ds_train_resume_that_cannot_reshard_exits_2_in_one_line(corpus, tmp_path):
-    """A 2-rank run's checkpoint whose rank-1 ZeRO shard was damaged after its manifest was
-    written (the manifest then rewritten to match, so the tag still counts as complete): resuming
+    """A 2-rank run's checkpoint whose rank-1 ZeRO shard was damaged before its manifest was
+    written (so the tag verifies, sizes and checksums included): resuming
     it on 1 rank must reshard it, which finds the damage; ``omni-ds train`` says so in one line
     naming the file, with no traceback, and exits 2."""
-    from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
+    from omni_ds.ckpt.format import MANIFEST, latest_checkpoint, verify, write_manifest
 
     run = tmp_path / "run"
     ds = Path("ds_configs/zero1_fp32.json")
@@ -348,10 +348,8 @@ def test_omni_ds_train_resume_that_cannot_reshard_exits_2_in_one_line(corpus, tm
     tag = run / "checkpoints" / "step_2"
     (shard,) = tag.glob("*zero_pp_rank_1_*optim_states.pt")
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    manifest = json.loads((tag / MANIFEST).read_text())
-    manifest["files"][shard.name] = shard.stat().st_size
-    (tag / MANIFEST).write_text(json.dumps(manifest))
-    assert latest_checkpoint(run / "checkpoints") == tag
+    write_manifest(tag, step=2, world_size=2, ep_size=2)
+    assert latest_checkpoint(run / "checkpoints") == tag and verify(tag) == []
 
     argv = train_argv(corpus, ds, run, "model.moe.ep_size=1", "train.max_steps=4")
     (result,) = run_command([*argv, "--resume", "auto"], 1, check=False)

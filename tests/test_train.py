@@ -259,3 +259,79 @@ def test_damaged_checkpoints_fall_back_or_refuse_and_logs_are_appended(corpus, t
     (line,) = [x for x in result.stderr.splitlines() if "none verifies" in x]
     assert "holds 2 checkpoint(s)" in line and "--resume none" in line, line
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_a_stop_signal_during_start_up_exits_75_without_a_checkpoint(corpus, tmp_path):
+    """SIGUSR1 as soon as the process can take one (long before the first step): the process
+    is not killed by it, and leaves for requeue with nothing saved."""
+    run = tmp_path / "run"
+    with start_command(train_argv(corpus, run, "model.moe.ep_size=1", "train.max_steps=50"),
+                       1) as group:  # fmt: skip
+        (p,) = group.procs
+        while not _catches(p.pid, signal.SIGUSR1):
+            assert p.poll() is None, group.wait(timeout=60)
+            time.sleep(0.005)
+        p.send_signal(signal.SIGUSR1)
+        (result,) = group.wait(timeout=120, check=False)
+    assert result.returncode == EXIT_REQUEUE, result.stderr[-3000:]
+    assert "stop signal before the first step; exit 75" in result.stderr
+    assert not list((run / "checkpoints").glob("step_*")) and not read_metrics(run)
+
+
+def test_a_second_training_is_refused_and_orphaned_ranks_stop(corpus, tmp_path):
+    """A run holds its run dir: a second ``omni-ds train`` into it exits 2 naming the holder.
+    Then the first run's launcher is killed with -9 (its rank runs in its own session, as
+    torchrun's do): the rank stops within seconds, writing nothing more."""
+    import subprocess
+    import sys
+
+    from harness import _free_port, rank_environ
+
+    run = tmp_path / "run"
+    argv = train_argv(corpus, run, "model.moe.ep_size=1", "train.max_steps=500",
+                      "checkpoint.every_steps=0", "checkpoint.save_final=false")  # fmt: skip
+    spawn = "import subprocess, sys; p = subprocess.Popen(sys.argv[1:], start_new_session=True)" \
+            "; print(p.pid, flush=True); p.wait()"  # fmt: skip
+    env = rank_environ(0, 1, _free_port())
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", spawn, sys.executable, "-m", "omni_ds.cli", *argv[1:]],
+        env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "rank.err", "w"), text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    rank = int(launcher.stdout.readline())
+    try:
+        while len(read_metrics(run)) < 2:
+            assert launcher.poll() is None, (tmp_path / "rank.err").read_text()[-3000:]
+            time.sleep(0.05)
+        (second,) = run_command(argv, 1, check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"cannot train: {run} is in use by another training (pid {rank} " in second.stderr
+
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{rank}").exists() and "Z" not in _state(rank):
+            assert time.monotonic() < deadline, "the orphaned rank kept running"
+            time.sleep(0.05)
+    finally:
+        if Path(f"/proc/{rank}").exists():
+            os.kill(rank, signal.SIGKILL)
+    logged = (run / "metrics.jsonl").read_text()
+    time.sleep(1)
+    assert (run / "metrics.jsonl").read_text() == logged
+    assert not list((run / "checkpoints").glob("step_*"))
+    assert "the launcher" in (tmp_path / "rank.err").read_text()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -4,13 +4,16 @@
 ``checkpoint_engine`` (``save(state_dict, path)``, ``load(path, map_location)``; DeepSpeed's
 pluggable-engine interface). :func:`install` wraps it once per engine: each file a rank writes
 is then digested and fsynced right after (:func:`omni_ds.ckpt.integrity.file_digest`, which
-finds the bytes in the page cache), and each file the engine reads goes through
+finds the bytes in the page cache) by a background thread, while DeepSpeed serializes the next
+file, so that the disk works during the whole save; :meth:`CheckedCheckpointEngine.take_written`
+waits for them. Each file the engine reads goes through
 :func:`omni_ds.ckpt.safe_load.safe_load`, which DeepSpeed's ``torch.load(weights_only=False)``
 would not.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from omni_ds.ckpt.integrity import file_digest
@@ -23,22 +26,23 @@ class CheckedCheckpointEngine:
 
     def __init__(self, inner):
         self.inner = inner
-        self.written: dict[str, tuple[int, str]] = {}
-        """Path -> (size, digest) of every file saved since :meth:`take_written`."""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-digest")
+        self._written: dict[str, Future] = {}
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def save(self, state_dict, path: str) -> None:
         self.inner.save(state_dict, path)
-        self.written[str(path)] = file_digest(Path(path), fsync=True)
+        self._written[str(path)] = self._pool.submit(file_digest, Path(path), True)
 
     def load(self, path: str, map_location=None):
         return safe_load(path, map_location=map_location or "cpu")
 
     def take_written(self) -> dict[str, tuple[int, str]]:
-        written, self.written = self.written, {}
-        return written
+        """Path -> (size, digest) of every file saved since the last call, each on disk."""
+        written, self._written = self._written, {}
+        return {path: future.result() for path, future in written.items()}
 
 
 def install(engine) -> CheckedCheckpointEngine:

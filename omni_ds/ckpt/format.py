@@ -153,6 +153,7 @@ def write_manifest(tag_dir: Path, *, step: int, world_size: int, ep_size: int,
         files[name] = {"size": size, integrity.HASH: digest}
     manifest = {"step": step, "world_size": world_size, "ep_size": ep_size, "files": files,
                 "time": time.time(), **extra}  # fmt: skip
+    manifest[integrity.SELF] = integrity.manifest_digest(manifest)
     write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
@@ -179,10 +180,14 @@ def verify(tag_dir: Path, names: list[str] | None = None) -> list[str]:
     no readable manifest, or files (only ``names`` of them if given) missing, resized or
     changed."""
     try:
-        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{tag_dir / MANIFEST} is missing or unreadable ({type(e).__name__}); the save "
-                "did not finish"]  # fmt: skip
+                "did not finish, or the file was damaged"]  # fmt: skip
+    recorded = manifest.get(integrity.SELF)  # absent in manifests written before checksums
+    if recorded is not None and recorded != integrity.manifest_digest(manifest):
+        return [f"{tag_dir / MANIFEST} does not match its own checksum (changed after the save)"]
     if names is None:
         names = sorted(files)
     return integrity.problems(tag_dir, files, names)

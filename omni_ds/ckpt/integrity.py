@@ -14,6 +14,7 @@ the data it describes on a power loss (:mod:`omni_ds.ckpt.engine_io`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,7 +22,15 @@ import xxhash
 
 HASH = "xxh3_128"
 """The manifest key of a file's digest."""
+SELF = "manifest_xxh3_128"
+"""The manifest key of the digest of the manifest itself (all its other keys, sorted JSON), so
+that a changed step or size that still parses is caught too."""
 CHUNK = 8 << 20
+
+
+def manifest_digest(manifest: dict) -> str:
+    text = json.dumps({k: v for k, v in manifest.items() if k != SELF}, sort_keys=True)
+    return xxhash.xxh3_128(text.encode()).hexdigest()
 
 
 def file_digest(path: Path, fsync: bool = False) -> tuple[int, str]:

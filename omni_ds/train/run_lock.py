@@ -32,8 +32,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from omni_ds import dist
-
 LOCK_FILE = "omni_ds.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -102,7 +100,7 @@ def stale_reason(record: dict, age_s: float, me: dict) -> str | None:
 class RunLock:
     """The lock of one run directory, held by this process (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, wait_s: float = 20.0):
+    def __init__(self, run_dir: Path, wait_s: float = 5.0):
         self.path = Path(run_dir) / LOCK_FILE
         self.wait_s = wait_s
         self.me = holder_record()
@@ -183,9 +181,11 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path, wait_s: float = 20.0) -> Iterator[None]:
+def run_dir_lock(run_dir: Path, wait_s: float = 5.0) -> Iterator[None]:
     """Collective: rank 0 takes the run dir's lock for the ``with`` block; every rank raises
     :class:`RunDirInUse` when it cannot."""
+    from omni_ds import dist
+
     lock, outcome = None, None
     if dist.rank() == 0:
         lock = RunLock(run_dir, wait_s)
