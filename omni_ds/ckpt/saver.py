@@ -148,7 +148,7 @@ class Checkpointer:
 
         RNG states are not touched here: call :meth:`restore_rng` last, after everything that
         draws random numbers while starting up (e.g. a DataLoader iterator draws its base seed)."""
-        manifest = read_manifest(path)  # verified by resume_path
+        manifest = read_manifest(path)  # verified by omni_ds.ckpt.select
         if manifest is None:
             raise CheckpointError(f"{path} is incomplete or damaged; it cannot be loaded")
         if (manifest["world_size"], manifest["ep_size"]) != (self.world_size, self.ep_size):

@@ -8,4 +8,6 @@
 | ``dev_eval`` | dev loss and WER during training |
 | ``metrics`` | ``metrics.jsonl``, DeepSpeed monitors, throughput, MFU, the expert-parallel grad norm |
 | ``signals`` | SIGUSR1/SIGTERM → checkpoint at the next step, exit 75 |
+| ``run_lock`` | one training per run dir: the lock rank 0 holds, stale locks, requeued SLURM jobs |
+| ``launcher_watch`` | ranks whose launcher died stop without writing |
 """
