@@ -140,7 +140,7 @@ def index_location(spec: str | Path, text_key: str = "text", beside: bool = True
     paths = expand(spec)
     own = _local_path(str(spec))
     if not is_pattern(spec) and own.is_dir():
-        if (own / INDEX_FILE).is_file():
+        if (own / INDEX_FILE).is_file() and load_index(own).text_key == text_key:
             return own / INDEX_FILE
         if beside and text_key == "text" and os.access(own, os.W_OK):
             return own / INDEX_FILE
@@ -153,22 +153,39 @@ def _base_dir(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([str(p.absolute()) for p in paths]))
 
 
+def _valid(where: Path, directory: Path, paths: list[Path], text_key: str) -> ShardSet | None:
+    """The index at ``where`` if it indexes ``paths`` with ``text_key``, else None. An index
+    lists the shards it was built from: one that lacks a shard now present is rebuilt (shards
+    added later); shards gone since are read as missing (``missing_shard``)."""
+    if not where.is_file():
+        return None
+    shard_set = load_index(directory, where)
+    names = {s["name"] for s in shard_set.shards}
+    if shard_set.text_key != text_key or any(p.name not in names for p in paths):
+        return None
+    return shard_set
+
+
 def open_shards(
     spec: str | Path, text_key: str = "text", *, beside: bool = True, progress: bool = True
 ) -> ShardSet:
     """The indexed shards of ``spec``, building the index where it is missing (module docstring)."""
     own = _local_path(str(spec))
     if not is_pattern(spec) and (own / INDEX_FILE).is_file():
-        shard_set = load_index(own)
-        if shard_set.text_key == text_key:
+        paths = sorted(own.glob("*.tar"))  # may be none: make-shards of an empty input
+        shard_set = _valid(own / INDEX_FILE, own, paths, text_key)
+        if shard_set is not None:
             return shard_set
     paths = expand(spec)
     directory = _base_dir(paths)
     where = index_location(spec, text_key, beside)
-    if where.name == INDEX_FILE and where.is_file():  # indexed with another text key
+    if where.name == INDEX_FILE and where.is_file() and not (beside and os.access(own, os.W_OK)):
+        # A stale index.json that may not be rewritten here: build a fresh one in the cache.
         where = cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
     with _locked(where):
-        if not where.is_file():
+        shard_set = _valid(where, directory, paths, text_key)
+        if shard_set is None:
             shards = scan_shards(directory, paths, text_key, progress)
             write_index(directory, shards, text_key, path=where)
-        return load_index(directory, where)
+            shard_set = load_index(directory, where)
+        return shard_set

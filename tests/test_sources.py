@@ -69,6 +69,10 @@ def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
     with pytest.raises(SourceError, match=r"2 of the 6 shards it expands to do not exist .*"
                                           r"shard-000004\.tar\); check the pattern"):  # fmt: skip
         expand(f"{d}/shard-{{000000..000005}}.tar")
+    # A shard added later is indexed: the directory's index is rebuilt, the pattern's re-keyed.
+    write_wds(tmp_path / "more", 2)
+    (tmp_path / "more" / "shard-000000.tar").rename(d / "shard-000004.tar")
+    assert open_shards(d).num_samples == open_shards(f"{d}/*.tar").num_samples == 12
     with pytest.raises(SourceError, match="no .tar file matches"):
         expand(f"{d}/nope-*.tar")
     with pytest.raises(SourceError, match=r"s3:// sources are not supported"):
