@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train-tokenizer": "train_tokenizer",
     "submit": "submit",
     "demo": "demo",
+    "study": "study",
 }
 
 
