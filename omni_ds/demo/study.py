@@ -58,15 +58,15 @@ class StudySettings:
     """Peak learning rates tried for every (router, depth)."""
     sweep_seed: int = 0
     """Seed of the sweep runs; must be one of ``seeds`` (the chosen LR's run is reused)."""
-    steps: int = 600
+    steps: int = 500
     """Optimizer steps of every run; the LR decays linearly to 0 at the last step."""
-    warmup_steps: int = 60
+    warmup_steps: int = 50
     """Linear warm-up steps from 0 to the peak LR."""
-    batch_seconds: float = 80.0
+    batch_seconds: float = 40.0
     """Audio seconds per optimizer step (``data.max_batch_seconds``, one process)."""
-    dev_every: int = 150
+    dev_every: int = 125
     """Full-dev evaluation every this many steps (the learning curves; the last one picks LRs)."""
-    parallel: int = 2
+    parallel: int = 3
     """Trainings at a time, one process and one thread each."""
     ctc_last_logs: int = 15
     """Training CTC is compared as the mean of this many last logged steps (every 10 steps)."""
