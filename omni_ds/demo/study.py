@@ -54,21 +54,21 @@ class StudySettings:
     """``model.n_layers`` values (every block's FFN is MoE in the MoE models)."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """``train.seed`` of the comparison runs (initialisation, data order, dropout)."""
-    sweep_lrs: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    sweep_lrs: list[float] = dataclasses.field(default_factory=lambda: [3e-3, 1e-2])
     """Peak learning rates tried for every (router, depth)."""
     sweep_seed: int = 0
     """Seed of the sweep runs; must be one of ``seeds`` (the chosen LR's run is reused)."""
-    steps: int = 500
+    steps: int = 300
     """Optimizer steps of every run; the LR decays linearly to 0 at the last step."""
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     """Linear warm-up steps from 0 to the peak LR."""
     batch_seconds: float = 40.0
     """Audio seconds per optimizer step (``data.max_batch_seconds``, one process)."""
-    dev_every: int = 125
+    dev_every: int = 100
     """Full-dev evaluation every this many steps (the learning curves; the last one picks LRs)."""
     parallel: int = 3
     """Trainings at a time, one process and one thread each."""
-    ctc_last_logs: int = 15
+    ctc_last_logs: int = 10
     """Training CTC is compared as the mean of this many last logged steps (every 10 steps)."""
     bootstrap_samples: int = 1000
     """Bootstrap replicates of the eval's confidence intervals."""
