@@ -13,3 +13,15 @@ if "DS_ACCELERATOR" not in _os.environ:
     _os.environ["DS_ACCELERATOR"] = "cuda" if _torch.cuda.is_available() else "cpu"
 
 __version__ = "0.1.0"
+
+__all__ = ["load_model", "__version__"]
+
+
+def __getattr__(name: str):
+    # The API needs torch; importing it only on first use keeps `import omni_ds` (and with it
+    # `omni-ds --help`) light. tests/test_layout.py allows exactly this one upward import.
+    if name == "load_model":
+        from omni_ds.api import load_model
+
+        return load_model
+    raise AttributeError(f"module 'omni_ds' has no attribute {name!r}")

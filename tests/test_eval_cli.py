@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -121,6 +124,32 @@ def write_test_sets(root: Path, ids: list[list[int]]) -> tuple[Path, Path, Path,
     return root / "shards", root / "ogg", manifest, files
 
 
+def readme_example_equals_transcribe(work: Path, model: Path, files, greedy, beam) -> None:
+    """README's "Python API" block, run as it is on this model and two of the files."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "omni").symlink_to(model.resolve())
+    (work / "a.flac").write_bytes(files[0].read_bytes())
+    wave, rate = sf.read(files[1])
+    sf.write(work / "b.wav", wave, rate, subtype="PCM_24")  # another container, the same samples
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [greedy[0], "omni 16000 2 4"]
+    import omni_ds
+
+    api = omni_ds.load_model(model, device="cpu")
+    assert api.transcribe([str(f) for f in files]) == greedy
+    assert api.transcribe(files, beam_size=4) == beam
+    samples, _ = sf.read(files[2], dtype="float32")
+    assert api.transcribe(samples) == greedy[2]  # an array, as the file decodes
+    routing = api.routing([files[0], files[1]])
+    assert [r.experts.shape[0] for r in routing] == [4, 4] and routing[0].experts.max() < 4
+    assert api.config.model.moe.router == "omni" and api.config.model.moe.ep_size == 1
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
@@ -156,6 +185,7 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
     assert main(["transcribe", str(trained), *map(str, files), "--beam-size", "4"]) == 0
     beam = [line.split("\t")[1] for line in capsys.readouterr().out.strip().splitlines()]
     assert jiwer.wer(SENTENCES, beam) <= jiwer.wer(SENTENCES, live_texts) + 0.05
+    readme_example_equals_transcribe(tmp_path / "readme", trained, files, live_texts, beam)
 
     # eval: two models, three sets; WERs are jiwer's on the normalised texts
     out = tmp_path / "eval"

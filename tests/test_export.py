@@ -132,10 +132,21 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
         run_dir, tmp_path / "model", tokenizer=sentencepiece_model(tmp_path)
     )
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "config.yaml",
+        "config.json",
         "model.safetensors",
         "tokenizer.model",
     ]
+    # config.json: the model only (architecture, tokenizer, sample rate, version), no run paths
+    import omni_ds
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert sorted(config) == ["format", "model", "omni_ds_version", "sample_rate", "tokenizer"]
+    assert config["omni_ds_version"] == omni_ds.__version__ and config["sample_rate"] == 16000
+    assert config["model"] == to_dict(tiny_experiment(ep_size=1).model)
+    assert (
+        config["tokenizer"]["file"] == "tokenizer.model" and config["tokenizer"]["vocab_size"] > 0
+    )
+    assert str(run_dir) not in (model_dir / "config.json").read_text()
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
@@ -147,6 +158,7 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
     assert sorted(tied) == [f"blocks.{i}.ffn.moe.deepspeed_moe.gate.wg.weight" for i in range(2)]
     assert set(tied.values()) == {"router.wg.weight"}
     assert meta["fp32_masters"] == "true" and meta["global_steps"] == "3"
+    assert meta["seed"] == str(tiny_experiment(ep_size=2).train.seed) and len(meta["recipe"]) == 16
     # all 2 layers x 4 experts are there under global ids
     assert {k.split("deepspeed_experts.")[1].split(".")[0] for k in keys if "experts" in k} == set(
         "0123"
@@ -158,7 +170,7 @@ def test_exported_model_decodes_like_the_live_model(tmp_path):
     tokenizer = model_dir / "tokenizer.model"
     cli_args = ["export", str(run_dir / "checkpoints"), "--out", str(tmp_path / "cli")]
     assert main([*cli_args, "--tokenizer", str(tokenizer)]) == 0
-    for name in ("config.yaml", "tokenizer.model"):
+    for name in ("config.json", "tokenizer.model"):
         assert (tmp_path / "cli" / name).read_bytes() == (model_dir / name).read_bytes()
     cli_tensors, cli_meta = read_weights(tmp_path / "cli")
     api_tensors, api_meta = read_weights(model_dir)

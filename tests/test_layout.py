@@ -22,8 +22,13 @@ LAYERS = [
     ["omni_ds.ckpt"],
     ["omni_ds.eval"],
     ["omni_ds.train"],
-    ["omni_ds.cli", "omni_ds.demo"],
+    ["omni_ds.cli", "omni_ds.demo", "omni_ds.api"],
 ]
+
+# The one sanctioned upward import: ``omni_ds.load_model`` is exported from the package by a
+# module-level ``__getattr__`` that imports the API on first use (so ``import omni_ds`` stays
+# light). Only imports inside that function, of exactly these modules, are left out of the graph.
+LAZY_EXPORTS = {"omni_ds": {"omni_ds.api"}}
 
 
 def module_name(path: Path) -> str:
@@ -41,7 +46,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """The project modules ``path`` imports, anywhere in the file."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    lazy = lazy_export_nodes(tree) if name in LAZY_EXPORTS else set()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -57,9 +64,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
+            if node in lazy and target in LAZY_EXPORTS[name]:
+                continue
             if target and target != name:
                 found.add(target)
     return found
+
+
+def lazy_export_nodes(tree: ast.Module) -> set[ast.AST]:
+    """The import statements inside the module-level ``def __getattr__`` of ``tree``."""
+    return {node for top in tree.body
+            if isinstance(top, ast.FunctionDef) and top.name == "__getattr__"
+            for node in ast.walk(top) if isinstance(node, ast.Import | ast.ImportFrom)}  # fmt: skip
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -104,6 +120,19 @@ def test_the_graph_sees_lazy_imports_and_packages():
     assert "omni_ds.model.router" in graph["omni_ds.model.moe"]
     assert "omni_ds.ckpt.reshard" in graph["omni_ds.ckpt.saver"]  # a lazy import inside load()
     assert len(graph) > 40
+
+
+def test_the_lazy_export_is_the_only_exemption_and_stays_lazy():
+    files = source_files()
+    tree = ast.parse(files["omni_ds"].read_text())
+    lazy = {n.module for n in lazy_export_nodes(tree) if isinstance(n, ast.ImportFrom)}
+    assert lazy == LAZY_EXPORTS["omni_ds"]
+    assert "omni_ds.api" not in import_graph()["omni_ds"]
+    code = ("import sys, omni_ds\n"
+            "print('omni_ds.api' in sys.modules, callable(omni_ds.load_model), "
+            "'omni_ds.api' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
 
 
 def test_no_import_cycle():

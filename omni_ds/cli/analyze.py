@@ -5,8 +5,10 @@ entropy (entropy.png), the cross-layer agreement matrix, i.e. the normalised mut
 between the expert choices of every pair of MoE layers on non-pad frames (agreement.png), and
 expert-index rasters (time x layer) for the first few utterances (rasters.png). It also runs the
 random-routing ablation: the WER with every expert choice replaced by a uniformly random
-expert, next to the normal WER (the paper: Omni's experts specialise, so it degrades far more
-than Switch). See ``omni_ds.analysis`` for the exact definitions.
+expert, next to the normal WER (a larger increase suggests more specialised experts; the
+Omni-router paper's text does not report this ablation's outcome, so compare the two models'
+measured increases rather than expect an ordering). See ``omni_ds.eval.analysis`` for the exact
+definitions.
 
     omni-ds analyze models/omni --test-set data/dev --out analysis/omni
 """

@@ -2,8 +2,9 @@
 
 Synthesizes the corpus (FLAC shards, index, tokenizer), trains the tiny dense, Switch and omni
 models with DeepSpeed for the same number of steps (2 processes, ep_size=2 for the MoE models),
-exports them, scores WER on dev and four shifted test sets, analyses Switch's and omni's routing,
-prints the comparison table and writes OUT/REPORT.md with the plots. A second run reuses every
+--seeds times each, exports them, scores WER and CER on dev and four shifted test sets (mean ±
+std over seeds, paired bootstrap intervals), analyses Switch's and omni's routing, prints the
+comparison table and writes OUT/REPORT.md with the plots. A second run reuses every
 finished stage (OUT/stages/*.json); ``--force`` reruns all.
 
     omni-ds demo                       # what `make demo` runs; ~8 min on 2 CPU cores
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default="configs/demo.yaml", help="experiment YAML (default: configs/demo.yaml)"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        help="trainings per router (seeds 0, 1, ...); eval groups them (default: 2)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun every stage")
 
 
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         train_utterances=args.train_utterances,
         nproc=args.nproc,
         config=Path(args.config),
+        seeds=args.seeds,
     )
     try:
         times = run_demo(settings, force=args.force)
@@ -62,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     line = (
         f"Corpus: {args.train_utterances} synthetic training utterances; models: `{args.config}` "
-        f"with router dense / switch / omni, {args.steps} steps each on {args.nproc} processes "
-        f"(ep_size {args.nproc} for the MoE models)."
+        f"with router dense / switch / omni, {args.seeds} seed(s) each, {args.steps} steps each "
+        f"on {args.nproc} processes (ep_size {args.nproc} for the MoE models)."
     )
-    path, table = write_report(settings.out, line, times)
+    path, table = write_report(settings.out, line, times, seeds=args.seeds)
     print("\n" + table)
     print(f"demo: finished in {time.perf_counter() - start:.0f} s; report: {path}")
     return 0

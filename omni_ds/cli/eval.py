@@ -1,14 +1,20 @@
-"""Word error rate of one or more exported models on named test sets.
+"""Word and character error rates of exported models on named test sets, with significance.
 
 Each test set is NAME=PATH: a shard directory (with or without index.json), a .tar shard, or a
 corpus make-shards reads (NeMo JSONL manifest, Kaldi dir, LibriSpeech tree), read in order and
 unfiltered by ``data_pipeline.ordered``; an unusable utterance stops the run, naming it.
-References and hypotheses go through the English normaliser of ``omni_ds.eval.normalize`` (case,
-punctuation, whitespace; documented there) before jiwer scores each set; the average is the plain
-mean over sets, as the Omni-router paper reports it. Writes OUT/eval.json, OUT/eval.csv, OUT/eval.md and
-OUT/hyps/<model>/<set>.tsv. With several models (e.g. dense, Switch, omni) it prints the paper-style
-comparison: the relative WER reduction of the LAST model against each other one, per set and on
-the average.
+References and hypotheses go through a normaliser (--normalizer: omni = ours, documented in
+``omni_ds.eval.normalize``; whisper = Whisper's EnglishTextNormalizer; none) before jiwer scores
+each set (WER over words, CER over characters). The average is the plain mean over the TEST
+sets, as the Omni-router paper reports it: sets named dev* (dev, dev_clean, dev-other) are left
+out unless --mean-includes-dev.
+
+Models exported from runs of one recipe with different seeds (the same ``recipe`` in their
+metadata) are grouped: mean ± std over the seeds. For every pair of groups, the WER and CER
+difference gets a 95% paired bootstrap interval (Bisani & Ney 2004; seeds resampled too), per
+set and on the average; * marks a difference whose interval excludes 0. Writes OUT/eval.json,
+OUT/eval.csv, OUT/eval.md and OUT/hyps/<model>/<set>.tsv. With several single-run models it also
+prints the paper-style relative WER reduction of the LAST model against each other one.
 
     omni-ds eval models/dense models/switch models/omni \\
         --test-set dev=data/dev --test-set noisy=data/test_noisy --out eval/
@@ -40,6 +46,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--beam-size", type=int, default=0, help="CTC prefix beam search width; 0 = greedy"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--normalizer",
+        choices=("omni", "whisper", "none"),
+        default="omni",
+        help="text normaliser applied before scoring (default: omni)",
+    )
+    parser.add_argument(
+        "--mean-includes-dev",
+        action="store_true",
+        help="average over every set, dev sets included (default: test sets only)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap replicates of the pairwise intervals (default: 1000; 0 = none)",
+    )
+    parser.add_argument(
+        "--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: 0)"
+    )
 
 
 def parse_test_sets(items: list[str]) -> dict[str, str]:
@@ -69,35 +96,38 @@ def run(args: argparse.Namespace) -> int:
 
     from data_pipeline.ordered import OrderedReader
     from omni_ds.ckpt.model_dir import load_model_dir
-    from omni_ds.eval.compare import comparison_markdown
     from omni_ds.eval.inference import Transcriber, transcribe_batches
-    from omni_ds.eval.wer import EvalReport, markdown_table, score_set, write_csv, write_json
+    from omni_ds.eval.normalize import get_normalizer
+    from omni_ds.eval.report_files import write_all
+    from omni_ds.eval.wer import EvalReport, score_utterances
 
     sets = parse_test_sets(args.test_set)
+    if args.bootstrap < 0:
+        raise SystemExit(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or e.g. 1000")
+    normalize = get_normalizer(args.normalizer)
     # Opened once, before any model loads: a set that cannot be read fails at once.
     readers = {name: OrderedReader(path, batch_seconds=args.batch_seconds)
                for name, path in sets.items()}  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
-    reports = []
+    mean_sets = list(sets) if args.mean_includes_dev else None
+    reports, recipes, seeds = [], [], []
     for model_dir, name in zip(args.models, model_names(args.models)):
         loaded = load_model_dir(model_dir, device)
         transcriber = Transcriber(loaded, beam_size=args.beam_size)
-        scores = {}
+        report = EvalReport(model=name, sets={}, mean_sets=mean_sets)
         for set_name, reader in readers.items():
             result = transcribe_batches(
                 transcriber, reader, desc=f"{name}/{set_name}", total=reader.num_utterances
             )
             (out / "hyps" / name).mkdir(parents=True, exist_ok=True)
             result.write_tsv(out / "hyps" / name / f"{set_name}.tsv")
-            scores[set_name] = score_set(result.refs, result.hyps)
-        reports.append(EvalReport(model=name, sets=scores))
-    write_json(reports, out / "eval.json")
-    write_csv(reports, out / "eval.csv")
-    tables = [markdown_table(r) for r in reports]
-    if len(reports) > 1:
-        tables.append(comparison_markdown(reports))
-    text = "\n".join(tables)
-    (out / "eval.md").write_text(text)
+            score, counts = score_utterances(result.refs, result.hyps, normalize)
+            report.sets[set_name], report.utterances[set_name] = score, counts
+        reports.append(report)
+        recipes.append(loaded.metadata.get("recipe"))
+        seeds.append(loaded.metadata.get("seed"))
+    text = write_all(reports, recipes, out, args.bootstrap, args.bootstrap_seed, args.normalizer,
+                     seeds)  # fmt: skip
     print(text)
     return 0

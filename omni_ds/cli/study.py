@@ -5,6 +5,11 @@ depths, seeds, the LR sweep and the steps. The sweep trains every (router, depth
 keeps the LR with the lowest final full-dev WER; the remaining seeds train at that LR. Finished
 trainings are reused by the next invocation (``OUT/stages/``), so the command can be rerun.
 
+Then every comparison run is exported, ``omni-ds eval`` scores them all (WER, CER, mean ± std
+over seeds, paired bootstrap intervals of every pair) and ``omni-ds analyze`` measures each MoE
+run's cross-layer NMI and random-routing ablation; OUT/STUDY.md holds the tables.
+
+    nice -n 19 omni-ds study configs/study.yaml                # everything
     nice -n 19 omni-ds study configs/study.yaml --train-only   # the trainings only
 """
 
@@ -23,18 +28,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
     import time
+    from pathlib import Path
 
     from omni_ds.demo.stages import StageFailed
     from omni_ds.demo.study import load_settings, run_training
+    from omni_ds.demo.study_report import evaluate, write_report
 
     start = time.perf_counter()
     settings = load_settings(args.settings)
     try:
         chosen, runs, records = run_training(settings)
+        trained = sum(r["seconds"] for r in records.values() if not r["reused"])
+        print(f"study: {len(records)} trainings ({trained:.0f} s of training run now) "
+              f"after {time.perf_counter() - start:.0f} s")  # fmt: skip
+        if args.train_only:
+            return 0
+        seconds = evaluate(settings, runs)
+        path = write_report(settings, Path(args.settings), chosen, runs, records, seconds)
     except StageFailed as e:
         print(f"study: {e}", file=sys.stderr)
         return 1
-    trained = sum(r["seconds"] for r in records.values() if not r["reused"])
-    print(f"study: {len(records)} trainings ({trained:.0f} s of training run now) "
-          f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
+    print(path.read_text())
+    print(f"study: finished in {time.perf_counter() - start:.0f} s; report: {path}")
     return 0

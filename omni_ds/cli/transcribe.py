@@ -2,7 +2,8 @@
 
 Files of any sample rate and channel count that soundfile reads (FLAC, WAV, OGG, ...) are mixed to
 mono (or ``--channel N`` is kept) and resampled to 16 kHz, decoded in batches, with CTC greedy
-decoding or, with --beam-size, a CTC prefix beam search.
+decoding or, with --beam-size, a CTC prefix beam search. The same as
+``omni_ds.load_model(MODEL_DIR).transcribe(paths, channel=...)`` in Python.
 
     omni-ds transcribe models/omni a.flac b.wav --beam-size 8
 """
@@ -29,21 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    from omni_ds.api import load_model
 
-    from data_pipeline.audio import read_float
-    from data_pipeline.reader import pad
-    from omni_ds.ckpt.model_dir import load_model_dir
-    from omni_ds.eval.inference import Transcriber
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    transcriber = Transcriber(load_model_dir(args.model, device), beam_size=args.beam_size)
+    model = load_model(args.model, args.device)
+    channel = int(args.channel) if args.channel.isdigit() else args.channel
     paths = list(args.audio)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        channel = int(args.channel) if args.channel.isdigit() else args.channel
-        audio, lens = pad([read_float(p, channel=channel) for p in chunk], np.float32)
-        for path, text in zip(chunk, transcriber.texts(transcriber.decode(audio, lens))):
+        texts = model.transcribe(chunk, beam_size=args.beam_size, channel=channel)
+        for path, text in zip(chunk, texts):
             print(f"{path}\t{text}", flush=True)
     return 0

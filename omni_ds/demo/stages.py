@@ -1,8 +1,9 @@
 """The end-to-end demo as a list of stages, each one an ``omni-ds`` command run as a subprocess.
 
-corpus (``omni-ds synth``: FLAC shards + index + tokenizer) → train dense, Switch, omni
-(``torchrun --nproc_per_node 2 ... omni-ds train``) → export each → ``omni-ds eval`` of all three
-on dev and the shifted test sets → ``omni-ds analyze`` of Switch and omni → ``REPORT.md``.
+corpus (``omni-ds synth``: FLAC shards + index + tokenizer) → train dense, Switch, omni, each
+with ``seeds`` seeds (``torchrun --nproc_per_node 2 ... omni-ds train``) → export each →
+``omni-ds eval`` of all of them on dev and the shifted test sets (seed groups, bootstrap
+intervals) → ``omni-ds analyze`` of Switch and omni (seed 0) → ``REPORT.md``.
 
 A stage that finished writes ``OUT/stages/<name>.json`` (its parameters and wall time); the next
 run skips it while the parameters match and its outputs exist, and reruns every stage that
@@ -48,8 +49,13 @@ class DemoSettings:
     """Training processes; the MoE models use ep_size = nproc."""
     config: Path = CONFIG
     """The experiment YAML shared by the three models (the router is overridden)."""
+    seeds: int = 2
+    """Trainings per router, with ``train.seed`` 0, 1, ...; eval reports mean ± std and
+    intervals that include the seed-to-seed variation."""
 
     def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds: {self.seeds} < 1; use 1 or 2")
         if self.steps < 1:
             raise ValueError(f"steps: {self.steps} < 1; use e.g. 250")
         if self.train_utterances < 24:
@@ -83,6 +89,11 @@ def shown(argv: list[str]) -> str:
     """The command as a user would type it (``omni-ds``/``torchrun`` instead of the interpreter)."""
     text = shlex.join(argv)
     return text.replace(shlex.join(_CLI), "omni-ds").replace(shlex.join(_TORCHRUN), "torchrun")
+
+
+def run_name(router: str, seed: int) -> str:
+    """``dense`` for seed 0 (as with one seed), ``dense-s1`` for seed 1, ..."""
+    return router if seed == 0 else f"{router}-s{seed}"
 
 
 def _train_env(nproc: int) -> dict[str, str]:
@@ -130,49 +141,28 @@ def stages(s: DemoSettings) -> list[Stage]:
         ),
     ]
     config_text = s.config.read_text()
+    names = [run_name(r, seed) for r in ROUTERS for seed in range(s.seeds)]
     for router in ROUTERS:
-        ep_size = 1 if router == "dense" else s.nproc
-        run = out / router
-        sets = [
-            f"model.moe.router={router}",
-            f"model.moe.ep_size={ep_size}",
-            f"train.run_dir={run}",
-            f"train.max_steps={s.steps}",
-            f"data.train=[{data / 'train'}]",
-            f"data.dev={{dev: {data / 'dev'}}}",
-            f"data.tokenizer={tokenizer}",
-        ]
-        launch = [*_TORCHRUN, "--standalone", f"--nproc_per_node={s.nproc}", "-m", "omni_ds.cli"]
+        for seed in range(s.seeds):
+            result.append(_train_stage(s, router, seed, config_text, tokenizer))
+    for name in names:
+        model = out / "models" / name
         result.append(
             Stage(
-                name=f"train_{router}",
-                title=f"train {router} ({s.steps} steps, {s.nproc} processes, ep_size {ep_size})",
-                argv=[*launch, "train", str(s.config), *(a for x in sets for a in ("--set", x))],
-                outputs=[run / "checkpoints" / f"step_{s.steps}", run / "metrics.jsonl"],
-                params={**corpus, "steps": s.steps, "nproc": s.nproc, "config": config_text},
-                deps=("tokenizer",),
-                clean=run,
-                env=_train_env(s.nproc),
-            )
-        )
-    for router in ROUTERS:
-        model = out / "models" / router
-        result.append(
-            Stage(
-                name=f"export_{router}",
-                title=f"export {router} to a model directory",
-                argv=[*_CLI, "export", str(out / router), "--out", str(model)],
-                outputs=[model / "model.safetensors"],
+                name=f"export_{name}",
+                title=f"export {name} to a model directory",
+                argv=[*_CLI, "export", str(out / name), "--out", str(model)],
+                outputs=[model / "model.safetensors", model / "config.json"],
                 params={},
-                deps=(f"train_{router}",),
+                deps=(f"train_{name}",),
                 clean=model,
             )
         )
-    models = [str(out / "models" / r) for r in ROUTERS]
+    models = [str(out / "models" / n) for n in names]
     result.append(
         Stage(
             name="eval",
-            title="WER of the three models on dev and the shifted test sets",
+            title=f"WER and CER of the {len(names)} models on dev and the shifted test sets",
             argv=[
                 *_CLI,
                 "eval",
@@ -182,8 +172,8 @@ def stages(s: DemoSettings) -> list[Stage]:
                 *(a for n in TEST_SETS for a in ("--test-set", f"{n}={data / n}")),
             ],  # fmt: skip
             outputs=[out / "eval" / "eval.json"],
-            params={"sets": list(TEST_SETS)},
-            deps=tuple(f"export_{r}" for r in ROUTERS),
+            params={"sets": list(TEST_SETS), "models": names},
+            deps=tuple(f"export_{n}" for n in names),
             clean=out / "eval",
         )
     )
@@ -209,6 +199,37 @@ def stages(s: DemoSettings) -> list[Stage]:
             )
         )
     return result
+
+
+def _train_stage(s: DemoSettings, router: str, seed: int, config_text: str, tokenizer: Path):
+    data, name = s.out / "data", run_name(router, seed)
+    ep_size = 1 if router == "dense" else s.nproc
+    run = s.out / name
+    sets = [
+        f"model.moe.router={router}",
+        f"model.moe.ep_size={ep_size}",
+        f"train.run_dir={run}",
+        f"train.max_steps={s.steps}",
+        f"data.train=[{data / 'train'}]",
+        f"data.dev={{dev: {data / 'dev'}}}",
+        f"data.tokenizer={tokenizer}",
+        f"train.seed={seed}",
+    ]
+    params = {"train_utterances": s.train_utterances, "steps": s.steps, "nproc": s.nproc,
+              "config": config_text}  # fmt: skip
+    if seed:  # seed 0's record stays that of a one-seed demo, which it reuses
+        params["seed"] = seed
+    launch = [*_TORCHRUN, "--standalone", f"--nproc_per_node={s.nproc}", "-m", "omni_ds.cli"]
+    return Stage(
+        name=f"train_{name}",
+        title=f"train {name} ({s.steps} steps, {s.nproc} processes, ep_size {ep_size})",
+        argv=[*launch, "train", str(s.config), *(a for x in sets for a in ("--set", x))],
+        outputs=[run / "checkpoints" / f"step_{s.steps}", run / "metrics.jsonl"],
+        params=params,
+        deps=("tokenizer",),
+        clean=run,
+        env=_train_env(s.nproc),
+    )
 
 
 def _marker(out: Path, name: str) -> Path:

@@ -1,4 +1,10 @@
-"""The English text normaliser applied to references and hypotheses before WER.
+"""The text normalisers applied to references and hypotheses before WER and CER.
+
+``omni`` (the default) is :func:`normalize_english` below; ``whisper`` is Whisper's
+``EnglishTextNormalizer`` from the ``whisper-normalizer`` package (what leaderboards and the
+paper's comparison with Whisper use: it also spells numbers as digits, expands contractions,
+maps British to American spelling and drops fillers such as "um"); ``none`` leaves the text as
+it is (jiwer still splits words on whitespace). :func:`get_normalizer` returns one by name.
 
 It is deliberately small and fully specified, so that a WER computed here can be reproduced
 elsewhere. :func:`normalize_english` does exactly these steps, in order:
@@ -22,6 +28,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
+
+NORMALIZERS = ("omni", "whisper", "none")
 
 _TAG = re.compile(r"\[[^\]]*\]|<[^>]*>")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
@@ -43,3 +52,20 @@ def normalize_english(text: str) -> str:
     text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text)
     text = text.replace(_INNER_APOSTROPHE, "'").replace(_DECIMAL_MARK, ".")
     return " ".join(text.split())
+
+
+def _unchanged(text: str) -> str:
+    return text
+
+
+def get_normalizer(name: str) -> Callable[[str], str]:
+    """The normaliser called ``name``: one of :data:`NORMALIZERS`."""
+    if name == "omni":
+        return normalize_english
+    if name == "whisper":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        return EnglishTextNormalizer()
+    if name == "none":
+        return _unchanged
+    raise ValueError(f"normalizer {name!r} is unknown; use one of {', '.join(NORMALIZERS)}")
