@@ -239,8 +239,7 @@ def choose_lrs(s: StudySettings) -> dict[str, dict]:
 
 def comparison_specs(s: StudySettings, chosen: dict[str, dict]) -> list[RunSpec]:
     return [RunSpec(router, depth, chosen[f"L{depth}-{router}"]["lr"], seed)
-            for depth in sorted(s.depths, reverse=True) for router in s.routers
-            for seed in s.seeds]  # fmt: skip
+            for depth in s.depths for router in s.routers for seed in s.seeds]  # fmt: skip
 
 
 def run_training(s: StudySettings) -> tuple[dict[str, dict], list[RunSpec], dict]:
@@ -253,9 +252,10 @@ def run_training(s: StudySettings) -> tuple[dict[str, dict], list[RunSpec], dict
             run_stage(stage, s.out)
     for lr in s.sweep_lrs:
         write_ds_config(s, lr)
-    # Deepest first: the longest runs start early, so the two workers finish close together.
-    sweep = [RunSpec(r, d, lr, s.sweep_seed) for d in sorted(s.depths, reverse=True)
-             for r in s.routers for lr in s.sweep_lrs]  # fmt: skip
+    # In the order of `depths` (shallow first: on a loaded machine the cheap half completes
+    # first), then routers, then LRs.
+    sweep = [RunSpec(r, d, lr, s.sweep_seed) for d in s.depths for r in s.routers
+             for lr in s.sweep_lrs]  # fmt: skip
     records = train_all(s, sweep)
     chosen = choose_lrs(s)
     (s.out / "lr_choice.json").write_text(json.dumps(chosen, indent=1) + "\n")
