@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 import soundfile as sf
@@ -99,6 +100,20 @@ def _open(path: str, member: str | None):
     return path
 
 
+_WAV_DATA = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.M)
+
+
+def _truncated(info) -> tuple[int, int] | None:
+    """(declared, present) audio bytes of a WAV whose data chunk declares more than the file
+    holds (cut off while copied): libsndfile reads what is there, which would pair part of the
+    audio with the whole transcript. Streaming writers' placeholder sizes (0xFFFFFFFF) do not
+    count."""
+    m = _WAV_DATA.search(info.extra_info) if info.format == "WAV" else None
+    if m is None or not int(m.group(2)) < int(m.group(1)) < 0xFFFFFF00:
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
 def read_file(
     path: str,
     start: float = 0.0,
@@ -114,6 +129,10 @@ def read_file(
         info = sf.info(source)
         if not isinstance(source, str):
             source.seek(0)
+        cut = _truncated(info)
+        if cut:
+            raise AudioError("truncated_audio", f"{what}: cut short: its header declares "
+                             f"{cut[0]} bytes of audio, the file holds {cut[1]}")  # fmt: skip
         first = int(round(start * info.samplerate))
         frames = -1 if duration is None else int(round(duration * info.samplerate))
         subtype_int = info.subtype in ("PCM_16", "PCM_S8", "PCM_U8")

@@ -208,6 +208,8 @@ def test_bad_input_mix_from_a_manifest_keeps_every_good_sample_and_names_every_b
     sf.write(tmp_path / "stereo44k.wav", stereo, 44100, subtype="PCM_16")
     flac = (tmp_path / "good.flac").read_bytes()
     (tmp_path / "truncated.flac").write_bytes(flac[: len(flac) // 2])
+    sf.write(tmp_path / "whole.wav", good, 16000, subtype="PCM_16")
+    (tmp_path / "truncated.wav").write_bytes((tmp_path / "whole.wav").read_bytes()[:20000])
     (tmp_path / "empty.wav").write_bytes(b"")
     nan = tone(0.5, 16000, 440).astype(np.float32)
     nan[10] = np.nan
@@ -219,6 +221,7 @@ def test_bad_input_mix_from_a_manifest_keeps_every_good_sample_and_names_every_b
     rows = [
         ("good", "good.flac", "a good one"), ("rate8k", "rate8k.wav", "eight k"),
         ("stereo44k", "stereo44k.wav", "stereo"), ("truncated", "truncated.flac", "cut"),
+        ("truncwav", "truncated.wav", "cut wav"),
         ("empty", "empty.wav", "nothing"), ("nan", "nan.wav", "nan"),
         ("notaudio", "notaudio.wav", "text"), ("missing", "missing.flac", "gone"),
         ("notext", "good.flac", ""), ("silence", "silence.flac", "quiet"),
@@ -234,7 +237,8 @@ def test_bad_input_mix_from_a_manifest_keeps_every_good_sample_and_names_every_b
     report = {r["key"]: (r["reason"], r["error"])
               for r in map(json.loads, (tmp_path / "out" / REPORT_FILE).open())}  # fmt: skip
     assert {k: reason for k, (reason, _) in report.items()} == {
-        "line4": "bad_label", "truncated": "unreadable_audio", "empty": "unreadable_audio",
+        "line4": "bad_label", "truncated": "unreadable_audio", "truncwav": "truncated_audio",
+        "empty": "unreadable_audio",
         "nan": "nonfinite_audio", "notaudio": "unreadable_audio", "missing": "missing_audio",
         "notext": "empty_text", "silence": "silent_audio",
     }  # fmt: skip
