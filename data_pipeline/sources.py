@@ -167,11 +167,17 @@ def _valid(where: Path, directory: Path, paths: list[Path], text_key: str) -> Sh
 
 
 def open_shards(
-    spec: str | Path, text_key: str = "text", *, beside: bool = True, progress: bool = True
+    spec: str | Path,
+    text_key: str = "text",
+    *,
+    beside: bool = True,
+    progress: bool = True,
+    rebuild: bool = False,
 ) -> ShardSet:
-    """The indexed shards of ``spec``, building the index where it is missing (module docstring)."""
+    """The indexed shards of ``spec``, building the index where it is missing (module docstring),
+    or in any case with ``rebuild`` (``make-shards --index-only``: shards rewritten in place)."""
     own = _local_path(str(spec))
-    if not is_pattern(spec) and (own / INDEX_FILE).is_file():
+    if not rebuild and not is_pattern(spec) and (own / INDEX_FILE).is_file():
         paths = sorted(own.glob("*.tar"))  # may be none: make-shards of an empty input
         shard_set = _valid(own / INDEX_FILE, own, paths, text_key)
         if shard_set is not None:
@@ -183,7 +189,7 @@ def open_shards(
         # A stale index.json that may not be rewritten here: build a fresh one in the cache.
         where = cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
     with _locked(where):
-        shard_set = _valid(where, directory, paths, text_key)
+        shard_set = None if rebuild else _valid(where, directory, paths, text_key)
         if shard_set is None:
             shards = scan_shards(directory, paths, text_key, progress)
             write_index(directory, shards, text_key, path=where)

@@ -73,6 +73,11 @@ def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
     write_wds(tmp_path / "more", 2)
     (tmp_path / "more" / "shard-000000.tar").rename(d / "shard-000004.tar")
     assert open_shards(d).num_samples == open_shards(f"{d}/*.tar").num_samples == 12
+    # A shard rewritten in place under its name: `make-shards --index-only` re-indexes.
+    write_wds(tmp_path / "one", 1)
+    (tmp_path / "one" / "shard-000000.tar").replace(d / "shard-000004.tar")
+    assert main(["make-shards", str(d), "--index-only"]) == 0
+    assert open_shards(d).num_samples == 11
     with pytest.raises(SourceError, match="no .tar file matches"):
         expand(f"{d}/nope-*.tar")
     with pytest.raises(SourceError, match=r"s3:// sources are not supported"):

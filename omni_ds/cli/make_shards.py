@@ -157,7 +157,7 @@ def _index_only(spec: str, text_key: str) -> int:
     from data_pipeline.sources import SourceError, index_location, open_shards
 
     try:
-        shards = open_shards(spec, text_key)
+        shards = open_shards(spec, text_key, rebuild=True)
     except SourceError as e:
         raise SystemExit(str(e)) from None
     bad = Counter(reason for s in shards.shards for _, reason in s["bad"])
