@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omni_ds import dist  # noqa: E402
-from omni_ds.config.checks import read_ds_config  # noqa: E402
+from omni_ds.config.ds_json import read_ds_config  # noqa: E402
 from omni_ds.config.experiment import load_config  # noqa: E402
 from omni_ds.model.encoder import build_model  # noqa: E402
 from omni_ds.train.engine import build_engine  # noqa: E402

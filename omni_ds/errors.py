@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from data_pipeline.loader import DataError
 
-__all__ = ["CheckpointError", "ConfigError", "DataError"]
+__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "DataError"]
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, resumed or resharded; the message says why and what to do."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError, FileNotFoundError)
+"""What ``omni-ds`` reports in one line (exit 2) rather than as a traceback."""

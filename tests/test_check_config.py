@@ -50,7 +50,8 @@ def _check(capsys, path: Path, *extra: str) -> tuple[int, str]:
 @pytest.mark.parametrize("ds_json", SHIPPED, ids=lambda p: p.name)
 def test_shipped_deepspeed_configs_pass(tmp_path, capsys, ds_json):
     ds = json.loads(ds_json.read_text())
-    code, out = _check(capsys, _experiment(tmp_path, ds, whole=True), "--world-size", "2")
+    path = _experiment(tmp_path, ds, whole=True)
+    code, out = _check(capsys, path, "--world-size", "2", "--device", "cuda")
     assert code == 0, out
     assert "OK for world size 2" in out
 
@@ -89,14 +90,14 @@ def test_invalid_deepspeed_value_is_named(tmp_path, capsys):
 def test_batch_size_arithmetic(tmp_path, capsys):
     ds = {
         "train_batch_size": 8,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 2,
     }
     code, out = _check(capsys, _experiment(tmp_path, ds), "--world-size", "2")
     assert code == 2
     assert (
-        "train_batch_size: 8 != train_micro_batch_size_per_gpu (2) × gradient_accumulation_steps "
-        "(1) × data-parallel size (2) = 4; set train_batch_size to 4" in out
+        "train_batch_size: 8 != train_micro_batch_size_per_gpu (1) × gradient_accumulation_steps "
+        "(2) × data-parallel size (2) = 4; set train_batch_size to 4" in out
     )
     code, out = _check(capsys, _experiment(tmp_path, ds), "--world-size", "4")
     assert code == 0, out

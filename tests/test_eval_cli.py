@@ -210,7 +210,7 @@ def test_trained_model_export_transcribe_eval_analyze(tmp_path, capsys):
 
     # analyze: analysis.json, 4 PNGs, random routing hurts the trained model
     out = tmp_path / "analysis"
-    assert main(["analyze", str(trained), "--test-set", str(shards), "--out", str(out)]) == 0
+    assert main(["analyze", str(trained), "--test-set", f"shards={shards}", "--out", str(out)]) == 0
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["wer"] == pytest.approx(expected, abs=1e-12)
     assert analysis["random_routing"]["wer"] > analysis["wer"]

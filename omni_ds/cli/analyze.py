@@ -10,22 +10,19 @@ Omni-router paper's text does not report this ablation's outcome, so compare the
 measured increases rather than expect an ordering). See ``omni_ds.eval.analysis`` for the exact
 definitions.
 
-    omni-ds analyze models/omni --test-set data/dev --out analysis/omni
+    omni-ds analyze models/omni --test-set dev=data/dev --out analysis/omni
 """
 
 from __future__ import annotations
 
 import argparse
 
+from omni_ds.cli.options import add_test_set_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_DIR", help="written by omni-ds export")
-    parser.add_argument(
-        "--test-set",
-        required=True,
-        metavar="PATH",
-        help="shard dir, .tar shard, JSONL manifest, Kaldi or LibriSpeech dir (as omni-ds eval)",
-    )
+    add_test_set_argument(parser, repeatable=False)
     parser.add_argument(
         "--out", default=None, help="output directory (default: MODEL_DIR/analysis)"
     )
@@ -61,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     transcriber = Transcriber(loaded)
-    reader = OrderedReader(args.test_set, batch_seconds=args.batch_seconds)
+    set_name, set_path = args.test_set
+    reader = OrderedReader(set_path, batch_seconds=args.batch_seconds)
 
     def decode(desc: str, collector=None):
         return transcribe_batches(
@@ -87,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model),
         "router": moe.router,
-        "test_set": str(args.test_set),
+        "test_set": {"name": set_name, "path": set_path},
         "utterances": len(normal.keys),
         "wer": wer,
         "random_routing": {
@@ -98,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         **analysis.to_dict(),
     }
     (out / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
-    plots = save_plots(analysis, out, title=f"{name} ({moe.router}) on {Path(args.test_set).name}")
+    plots = save_plots(analysis, out, title=f"{name} ({moe.router}) on {set_name}")
     print(
         f"{name}: WER {100 * wer:.2f}% -> {100 * wer_random:.2f}% with random routing; "
         f"mean cross-layer NMI {report['mean_offdiagonal_nmi']:.3f}; "

@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import argparse
 
+from omni_ds.cli.options import add_test_set_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL_DIR", help="written by omni-ds export")
-    parser.add_argument(
-        "--test-set",
-        action="append",
-        required=True,
-        metavar="NAME=PATH",
-        help="a test set (repeatable): shard dir, .tar shard, JSONL manifest, Kaldi dir or "
-        "LibriSpeech tree",
-    )
+    add_test_set_argument(parser, repeatable=True)
     parser.add_argument("--out", default="eval", help="directory for the reports (default: eval)")
     parser.add_argument(
         "--batch-seconds",
@@ -69,12 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_test_sets(items: list[str]) -> dict[str, str]:
+def parse_test_sets(items: list[tuple[str, str]]) -> dict[str, str]:
     sets: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--test-set {item!r}: expected NAME=PATH, e.g. dev=data/dev")
+    for name, path in items:
         if name in sets:
             raise SystemExit(f"--test-set {name!r} is given twice; names must be unique")
         sets[name] = path

@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="NeMo manifest or tarred dir, Lhotse cuts, LibriSpeech tree, Kaldi dir; with "
         "--index-only a shard source (directory, .tar, brace pattern, glob)",
     )
-    parser.add_argument("--out", metavar="DIR", help="shard directory to write")
+    parser.add_argument(
+        "--out", metavar="DIR", help="shard directory to write (required unless --index-only)"
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-size", type=int, default=None, help="utterances per shard (1000)")
     size.add_argument(

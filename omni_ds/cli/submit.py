@@ -17,11 +17,11 @@ from pathlib import Path
 
 from omni_ds.cli.options import add_overrides_argument
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "config", help="experiment YAML, e.g. configs/tiny.yaml, or a shipped preset name"
+    )
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument(
         "--gpus-per-node",
@@ -58,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="extra sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)",
     )
-    parser.add_argument("--script", default=str(TRAIN_SCRIPT), help="batch script to submit")
+    parser.add_argument(
+        "--script",
+        default="train.sbatch",
+        help="batch script to submit: a path, or a shipped script's name (default train.sbatch)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command only")
 
 
@@ -80,7 +84,7 @@ def sbatch_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
         argv.append(f"--signal=B:USR1@{args.checkpoint_before}")
     argv.append(f"--output={run_dir.resolve() / 'slurm-%j.out'}")
     argv += args.sbatch_args
-    argv += [args.script, args.config]
+    argv += [str(args.script), str(args.config)]
     for override in args.overrides:
         argv += ["--set", override]
     return argv
@@ -93,21 +97,30 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
     import sys
 
-    from omni_ds.config.checks import check_experiment
+    from omni_ds.config import presets
+    from omni_ds.config.checks import preflight
 
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     world_size = args.nodes * tasks
-    cfg, _, problems = check_experiment(args.config, args.overrides, world_size)
+    device = "cuda" if args.gpus_per_node else "cpu"  # the job's nodes, not this login node
+    result = preflight(args.config, args.overrides, world_size, device)
+    cfg, problems = result.cfg, result.problems
+    for w in result.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
     if problems:
         print(f"{args.config}: {len(problems)} problem(s) for world size {world_size}; "
               "nothing submitted:", file=sys.stderr)  # fmt: skip
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
-    if not Path(args.script).is_file():
-        print(f"--script {args.script}: no such file; pass the path of slurm/train.sbatch",
-              file=sys.stderr)  # fmt: skip
+    args.script = presets.find(args.script, "slurm").resolve()
+    if not args.script.is_file():
+        print(f"--script {args.script}: no such file; pass a path or one of "
+              f"{', '.join(presets.names('slurm'))}", file=sys.stderr)  # fmt: skip
         return 2
+    # A preset named by name: hand the job the file the checks read (a path stays as given; the
+    # job starts in this directory).
+    args.config = presets.find(args.config, "configs")
     run_dir = Path(cfg.train.run_dir)
     argv = sbatch_command(args, run_dir)
     if args.dry_run:

@@ -34,7 +34,8 @@ class TrainConfig:
     """Peak dense TFLOP/s of one device for the MFU estimate; 0 = look it up from the GPU name
     (measured with a matmul on CPUs)."""
     progress_bar: bool = True
-    """A tqdm bar on rank 0."""
+    """A tqdm bar on rank 0 when its stderr is a terminal; otherwise (a SLURM log, a pipe) or
+    when false, one plain line per logged step and per dev evaluation."""
     log_samples: bool = False
     """Also write each step's utterance keys per rank to ``samples/rank<R>.jsonl``: an audit
     of the data order (which utterances every step trained on, across resumes)."""

@@ -188,7 +188,7 @@ def stages(s: DemoSettings) -> list[Stage]:
                     "analyze",
                     str(out / "models" / router),
                     "--test-set",
-                    str(data / "dev"),
+                    f"dev={data / 'dev'}",
                     "--out",
                     str(dest),
                 ],  # fmt: skip

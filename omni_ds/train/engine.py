@@ -1,9 +1,11 @@
 """A DeepSpeed engine for an MoE model, from a JSON in ``ds_configs/``.
 
 The JSON stays authoritative for what DeepSpeed owns (batch sizes, optimizer, scheduler, ZeRO
-stage, precision, clipping, monitors); omni-ds only points its monitors into the run directory and
-hands DeepSpeed the parameters split into dense and expert groups, so that ZeRO partitions and
-reduces expert gradients over the expert-data-parallel group instead of the whole world.
+stage, precision, clipping, monitors: TensorBoard, CSV, W&B, Comet as DeepSpeed documents them);
+omni-ds only points the file monitors' relative paths into the run directory, gives a W&B run
+the experiment's config, and hands DeepSpeed the parameters split into dense and expert groups,
+so that ZeRO partitions and reduces expert gradients over the expert-data-parallel group instead
+of the whole world.
 """
 
 from __future__ import annotations
@@ -13,19 +15,44 @@ from pathlib import Path
 
 import torch
 
-MONITORS = ("tensorboard", "csv_monitor", "wandb", "comet")
+# The monitors that write files, and so take an output_path and a job_name; DeepSpeed's wandb
+# (team, group, project) and comet sections have neither and its models reject extra keys.
+FILE_MONITORS = ("tensorboard", "csv_monitor")
 
 
 def ds_config_for_run(ds_config: dict, run_dir: Path) -> dict:
-    """A copy of ``ds_config`` whose enabled monitors write under ``run_dir`` when relative."""
+    """A copy of ``ds_config`` whose enabled file monitors write under ``run_dir`` when their
+    ``output_path`` is relative or empty (``run_dir/<section name>`` then)."""
     ds_config = copy.deepcopy(ds_config)
-    for name in MONITORS:
+    for name in FILE_MONITORS:
         section = ds_config.get(name)
         if isinstance(section, dict) and section.get("enabled"):
             out = Path(section.get("output_path") or name)
             section["output_path"] = str(out if out.is_absolute() else run_dir / out)
             section.setdefault("job_name", "train")
     return ds_config
+
+
+def describe_run(engine, experiment: dict, ds_config: dict) -> None:
+    """Give the W&B run (when the JSON enables it; rank 0 only) the resolved experiment config
+    and the DeepSpeed config it trains with, beside the metrics the monitors receive."""
+    if getattr(getattr(engine, "monitor", None), "wandb_monitor", None) is None:
+        return
+    import wandb
+
+    wandb.config.update({"experiment": experiment, "deepspeed": ds_config},
+                        allow_val_change=True)  # fmt: skip
+    wandb.define_metric("train/step")
+    for prefix in ("train/*", "dev/*"):
+        wandb.define_metric(prefix, step_metric="train/step")
+
+
+def close_monitors(engine) -> None:
+    """Finish the W&B run (its files are complete afterwards; DeepSpeed never finishes it)."""
+    if getattr(getattr(engine, "monitor", None), "wandb_monitor", None) is not None:
+        import wandb
+
+        wandb.finish()
 
 
 def moe_param_groups(model: torch.nn.Module) -> list[dict]:

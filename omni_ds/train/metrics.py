@@ -146,17 +146,36 @@ class MetricsLog:
         if self.lines is not None:
             self.lines.mark_resume(step, **info)
 
-    def write(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+    def write(self, step: int, values: dict[str, float], kind: str = "train",
+              samples: int | None = None) -> None:  # fmt: skip
+        """One record at optimizer step ``step``; ``samples`` is DeepSpeed's ``global_samples``
+        then (W&B's step axis, see :func:`write_events`)."""
         if self.lines is None:
             return
         self.lines.write({"kind": kind, "step": step, **values})
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
             events = [(f"{kind}/{k}", float(v), step) for k, v in values.items()]
-            self.monitor.write_events(events)
+            write_events(self.monitor, events, step, step if samples is None else samples)
 
     def close(self) -> None:
         if self.lines is not None:
             self.lines.close()
+
+
+def write_events(monitor, events: list[tuple], step: int, samples: int) -> None:
+    """Send ``events`` (name, value, step) to DeepSpeed's enabled monitors.
+
+    TensorBoard, CSV and Comet get them at the optimizer step. A W&B run has one step counter
+    that must only grow, and DeepSpeed's engine logs its own ``Train/Samples/*`` events to it at
+    ``global_samples``; so W&B gets these at that count too, with ``train/step`` beside them
+    (``omni_ds.train.engine.describe_run`` makes it the x-axis of every omni-ds chart).
+    """
+    for sink in (monitor.tb_monitor, monitor.csv_monitor, monitor.comet_monitor):
+        if sink is not None:
+            sink.write_events(events)
+    if monitor.wandb_monitor is not None:
+        at_samples = [(name, value, samples) for name, value, _ in events]
+        monitor.wandb_monitor.write_events([*at_samples, ("train/step", step, samples)])
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -36,14 +36,14 @@ from data_pipeline.audio import SAMPLE_RATE
 from omni_ds import dist
 from omni_ds.ckpt.saver import Checkpointer
 from omni_ds.ckpt.select import select_resume
-from omni_ds.config.checks import check_experiment, check_host
+from omni_ds.config.checks import preflight
 from omni_ds.config.experiment import ExperimentConfig
 from omni_ds.config.loading import to_dict
 from omni_ds.errors import ConfigError
 from omni_ds.model import build_model
 from omni_ds.train.data import make_dev_sets, make_train_loader
 from omni_ds.train.dev_eval import dev_scores
-from omni_ds.train.engine import build_engine, ds_config_for_run
+from omni_ds.train.engine import build_engine, close_monitors, describe_run, ds_config_for_run
 from omni_ds.train.launcher_watch import watch_launcher
 from omni_ds.train.metrics import (
     JsonLines,
@@ -53,6 +53,7 @@ from omni_ds.train.metrics import (
     routing_summary,
     step_flops,
 )
+from omni_ds.train.progress import Progress
 from omni_ds.train.run_lock import run_dir_lock
 from omni_ds.train.signals import EXIT_REQUEUE, StopRequest
 
@@ -113,9 +114,9 @@ class Trainer:
         self.resume_from = select_resume(self.run_dir / "checkpoints", cfg.checkpoint.resume)
         self.loader, self.tokenizer = make_train_loader(cfg, info.rank, info.world_size)
         self.dev_sets = make_dev_sets(cfg, info.rank, info.world_size, self.tokenizer)
-        self.engine = build_engine(
-            build_model(cfg.model), ds_config_for_run(ds_config, self.run_dir)
-        )
+        run_ds_config = ds_config_for_run(ds_config, self.run_dir)
+        self.engine = build_engine(build_model(cfg.model), run_ds_config)
+        describe_run(self.engine, to_dict(cfg), run_ds_config)
         self.model = self.engine.module
         self.checkpointer = Checkpointer(self.engine, self.run_dir, cfg.checkpoint,
                                          ep_size=cfg.model.moe.ep_size)  # fmt: skip
@@ -172,22 +173,18 @@ class Trainer:
             dist.shutdown()
             return EXIT_REQUEUE
         tcfg = self.cfg.train
-        bar = None
-        if self.info.is_main and tcfg.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=tcfg.max_steps, initial=self.counters.step, desc="train",
-                       dynamic_ncols=True)  # fmt: skip
+        self.progress = Progress(tcfg.max_steps, self.counters.step, enabled=self.info.is_main,
+                                 bar=tcfg.progress_bar)  # fmt: skip
         while self.counters.step < tcfg.max_steps:
             done = self.train_step()
             if done is None:  # a skipped batch, or a micro step inside an accumulation window
                 continue
             step = self.counters.step
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{done.losses.total.item():.3f}")
+            self.progress.step(step, done.losses.total.item())
             if step % tcfg.log_every == 0:
-                self.metrics.write(step, self._log_values(done))
+                values = self._log_values(done)
+                self.metrics.write(step, values, samples=self.engine.global_samples)
+                self.progress.log(step, values)
                 self._window = _Window()
             last = step >= tcfg.max_steps
             if self.dev_sets and (last or (tcfg.dev_every and step % tcfg.dev_every == 0)):
@@ -199,15 +196,13 @@ class Trainer:
             ):
                 self.checkpointer.save(step, {}, self.state_dict())
             if self.stopping:
-                if bar is not None:
-                    bar.close()
+                self.progress.close()
                 print(f"stop signal: checkpoint at step {step}; exit {EXIT_REQUEUE}",
                       file=sys.stderr, flush=True)  # fmt: skip
                 self.close()
                 dist.shutdown()
                 return EXIT_REQUEUE
-        if bar is not None:
-            bar.close()
+        self.progress.close()
         self.close()
         return 0
 
@@ -308,12 +303,15 @@ class Trainer:
         scores = dev_scores(self.engine, self.dev_sets, self.tokenizer,
                             self.cfg.train.dev_max_batches)  # fmt: skip
         for name, values in scores.items():
-            self.metrics.write(self.counters.step, values, kind=f"dev/{name}")
+            self.metrics.write(self.counters.step, values, kind=f"dev/{name}",
+                               samples=self.engine.global_samples)  # fmt: skip
+            self.progress.dev(self.counters.step, name, values)
 
     def close(self) -> None:
         for log in (self.metrics, self.sample_log):
             if log is not None:
                 log.close()
+        close_monitors(self.engine)
 
 
 def train(cfg: ExperimentConfig, ds_config: dict, stop: StopRequest) -> int:
@@ -333,17 +331,17 @@ def train(cfg: ExperimentConfig, ds_config: dict, stop: StopRequest) -> int:
 def main(config: str, overrides: list[str], resume: str | None = None,
          stop: StopRequest | None = None) -> int:  # fmt: skip
     """``omni-ds train``: check the config for this world size, then train."""
-    world_size = dist.detect_launch_env().world_size
+    launch = dist.detect_launch_env()
     if resume is not None:
         overrides = [*overrides, f"checkpoint.resume={resume}"]
-    cfg, ds_config, problems = check_experiment(config, overrides, world_size)
-    if ds_config is not None:
-        problems += check_host(ds_config, cfg.deepspeed)
-    if problems:
-        raise ConfigError(
-            f"{config}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+    checked = preflight(config, overrides, launch.world_size)
+    if checked.problems:
+        raise ConfigError(f"{config}: {len(checked.problems)} problem(s):\n"
+                          + "\n".join(f"  - {p}" for p in checked.problems))  # fmt: skip
+    if launch.rank == 0:
+        for w in checked.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
     if stop is None:
         with StopRequest() as stop:
-            return train(cfg, ds_config, stop)
-    return train(cfg, ds_config, stop)
+            return train(checked.cfg, checked.ds, stop)
+    return train(checked.cfg, checked.ds, stop)
