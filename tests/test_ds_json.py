@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_check_config import _check, _experiment
+from test_check_config import _check, _experiment, corpus  # noqa: F401  (autouse fixture)
 
 from omni_ds.config.checks import preflight
 from omni_ds.config.ds_json import read_ds_config

@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from test_loader import write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +62,21 @@ def test_wheel_ships_presets_and_submits_and_checks_them_by_name(installed, tmp_
         shipped = sorted(p.name for p in (site / "omni_ds" / folder).iterdir())
         in_repo = sorted(p.name for p in (REPO / folder).iterdir() if not p.name.startswith("."))
         assert shipped == in_repo, folder
-    # a directory of a user's own, no checkout: the preset's data paths exist here
-    for split in ("train", "dev"):
-        (tmp_path / "data" / "synth" / split).mkdir(parents=True)
-    (tmp_path / "data" / "synth" / "tokenizer.model").touch()
+    # a directory of a user's own with a small corpus, no checkout
+    (tmp_path / "corpus").mkdir()
+    corpus = write_corpus(tmp_path / "corpus", (8,), vocab=32)
+    data = ["--set", "data.train=[corpus]", "--set", "data.dev={dev: corpus}",
+            "--set", "data.tokenizer=corpus/tokenizer.model"]  # fmt: skip
+    assert corpus.is_dir()
 
-    out = _omni_ds(installed, tmp_path, "submit", "--dry-run", "omni_8x84m", "--nodes", "2")
+    out = _omni_ds(installed, tmp_path, "submit", "--dry-run", "omni_8x84m", "--nodes", "2", *data)
     assert out.returncode == 0, out.stderr
     command = out.stdout.split()
     assert command[:4] == ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1"]
-    assert command[-2] == str(site / "omni_ds" / "slurm" / "train.sbatch")
-    assert command[-1] == str(site / "omni_ds" / "configs" / "omni_8x84m.yaml")
+    script = command.index(str(site / "omni_ds" / "slurm" / "train.sbatch"))
+    assert command[script + 1] == str(site / "omni_ds" / "configs" / "omni_8x84m.yaml")
 
-    out = _omni_ds(installed, tmp_path, "check-config", "omni_8x84m", "--world-size", "2")
+    out = _omni_ds(installed, tmp_path, "check-config", "omni_8x84m", "--world-size", "2", *data)
     assert out.returncode == 0, out.stdout + out.stderr
     # ... which found the preset's "deepspeed: ds_configs/zero2_bf16.json" among the shipped
     # JSONs: this directory has no ds_configs/
