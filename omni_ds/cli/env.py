@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="bring the process group up and all-reduce a test tensor",
     )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

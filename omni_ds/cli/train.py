@@ -4,7 +4,7 @@ Checks the config first (as ``omni-ds check-config`` does, for this launch's wor
 trains; launch one process per GPU (on a CPU-only host the processes use gloo):
 
     torchrun --nproc_per_node 2 -m omni_ds.cli train CONFIG.yaml
-    deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train CONFIG.yaml
+    deepspeed --num_gpus 2 --module omni_ds.cli train CONFIG.yaml
     srun --ntasks-per-node 2 omni-ds train CONFIG.yaml
 
 The run directory (``train.run_dir``) receives the resolved ``config.yaml``, ``metrics.jsonl``,

@@ -3,7 +3,7 @@ metrics, the counters and the stop flag of one run.
 
     omni-ds train configs/tiny.yaml --set train.run_dir=runs/tiny          # 1 process
     torchrun --nproc_per_node 2 -m omni_ds.cli train configs/tiny.yaml    # 2 processes
-    deepspeed --num_gpus 2 --no_local_rank --module omni_ds.cli train configs/tiny.yaml
+    deepspeed --num_gpus 2 --module omni_ds.cli train configs/tiny.yaml
     srun --ntasks-per-node 2 omni-ds train configs/tiny.yaml             # inside an allocation
 
 :meth:`Trainer.train` reads like the workflow: resume from the latest complete checkpoint → loop
