@@ -161,7 +161,9 @@ def _valid(where: Path, directory: Path, paths: list[Path], text_key: str) -> Sh
         return None
     shard_set = load_index(directory, where)
     names = {s["name"] for s in shard_set.shards}
-    if shard_set.text_key != text_key or any(p.name not in names for p in paths):
+    if shard_set.text_key != text_key or any(
+        os.path.relpath(p, directory) not in names for p in paths
+    ):
         return None
     return shard_set
 

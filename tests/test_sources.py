@@ -73,6 +73,14 @@ def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
     write_wds(tmp_path / "more", 2)
     (tmp_path / "more" / "shard-000000.tar").rename(d / "shard-000004.tar")
     assert open_shards(d).num_samples == open_shards(f"{d}/*.tar").num_samples == 12
+    # Shards of several folders: named relative to their common folder, indexed once.
+    write_wds(tmp_path / "other", 2)
+    two = f"{tmp_path}/*/shard-000000.tar"
+    assert open_shards(two).num_samples == 5
+    built = index_location(two).stat().st_mtime_ns
+    names = [s["name"] for s in open_shards(two).shards]
+    assert names == ["other/shard-000000.tar", "wds/shard-000000.tar"]
+    assert index_location(two).stat().st_mtime_ns == built
     # A shard rewritten in place under its name: `make-shards --index-only` re-indexes.
     write_wds(tmp_path / "one", 1)
     (tmp_path / "one" / "shard-000000.tar").replace(d / "shard-000004.tar")
