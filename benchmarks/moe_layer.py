@@ -1,54 +1,63 @@
-"""Forward+backward time and peak memory of one MoE layer: grouped dispatch vs DeepSpeed's stock.
+"""Forward+backward time and peak memory of one MoE layer: DeepSpeed's stock dispatch vs the
+padding-free grouped dispatch with each expert kernel (a loop over experts, ``torch._grouped_mm``).
 
-    .venv/bin/python benchmarks/moe_layer.py                        # 4k/16k/32k tokens
+    .venv/bin/python benchmarks/moe_layer.py                        # 4k/16k/32k tokens, fp32
     .venv/bin/python benchmarks/moe_layer.py --tokens 16384 --cpu-time   # on a busy machine
+    python3 benchmarks/moe_layer.py --dtype bf16 --tokens 16384 65536    # one GPU (gpu_check.sh)
 
-Both sides are ``omni_ds.moe.MoEFeedForward`` with the same weights, the same inputs and the
-same routing (E=8, d=512, FFN 2048, top-1, dropless); they differ only in ``dispatch``: ``stock``
-runs DeepSpeed 0.19.8's ``MOELayer.forward`` (a dense [E, capacity, d] buffer whose capacity is
-the busiest expert's count), ``grouped`` runs every expert on exactly its own frames. (A bare
+Every variant is ``omni_ds.model.moe.MoEFeedForward`` with the same weights, the same inputs and
+the same routing (E=8, d=512, FFN 2048, top-1, dropless); they differ only in how the routed frames
+reach the experts: ``stock`` runs DeepSpeed 0.19.8's ``MOELayer.forward`` (a dense
+[E, capacity, d] buffer whose capacity is the busiest expert's count); ``loop`` and ``grouped_mm``
+are ``dispatch: grouped`` (every expert on exactly its own frames) with ``expert_kernel: loop``
+(one GEMM per expert) or ``grouped_mm`` (one ``torch._grouped_mm`` for all). (A bare
 ``deepspeed.moe.layer.MoE`` cannot be the baseline here: its top-1 dropless gating passes a tensor
 as ``torch.topk``'s k and raises in 0.19.8.) Routing is ``balanced`` (random inputs) or
 ``skewed`` (inputs shifted so that expert 0 takes ~55% of the frames, like silence in speech).
 
-Times: both dispatches in one fresh process, one warm-up round, then ``--repeats`` alternating
-rounds; the best round of each (the machine is shared: drift and spikes hit both alike). Peak
-memory: one fwd+bwd per fresh process, so it is the layer's alone: on CUDA
-``max_memory_allocated``, on the CPU the growth of the peak resident set over the size before
-(with glibc's mmap threshold fixed, so freed tensors leave the resident set at once). The table gives
-grouped / stock ratios; targets at 16k tokens: skewed <= 0.3x time and <= 0.6x memory, balanced
-<= 1.0x time.
+Times: all variants in one process, one warm-up round, then ``--repeats`` alternating rounds; the
+best round of each (on a shared machine drift and spikes hit all alike); on CUDA timed with CUDA
+events. Peak memory of one more fwd+bwd of each, beyond what is allocated before it: on CUDA
+``max_memory_allocated``; on the CPU the growth of the peak resident set (VmHWM, reset through
+``/proc/self/clear_refs`` before each; glibc's mmap threshold fixed, so freed tensors leave the
+resident set at once). The table gives ratios to ``stock`` and
+the ``grouped_mm / loop`` ratio that ``expert_kernel: auto`` rests on; targets at 16k tokens:
+skewed <= 0.3x time and <= 0.6x memory, balanced <= 1.0x time. ``--json`` writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omni_ds.config.model import MoEConfig  # noqa: E402
+from omni_ds.model.dispatch import grouped_mm_problem  # noqa: E402
 from omni_ds.model.moe import MoEFeedForward  # noqa: E402
 from omni_ds.model.router import Router  # noqa: E402
 
 E, D, FF = 8, 512, 2048
-CLOCK = time.perf_counter
+KERNELS = ("stock", "loop", "grouped_mm")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_CLOCK = time.perf_counter
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def skewed_inputs(layer: MoEFeedForward, n: int, share: float, device) -> torch.Tensor:
     """Random frames shifted along router row 0 until expert 0 takes ``share`` of them."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, D, generator=g).to(device)
-    direction = layer.router.wg.weight[0].detach()
+    direction = layer.router.wg.weight[0].detach().float()
     direction = direction / direction.norm()
     lo, hi = 0.0, 10.0
     for _ in range(30):
@@ -58,118 +67,159 @@ def skewed_inputs(layer: MoEFeedForward, n: int, share: float, device) -> torch.
     return x + hi * direction
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
-def build(dispatch: str, routing: str, tokens: int, device) -> tuple[MoEFeedForward, torch.Tensor]:
-    """The layer (same weights for either dispatch: same seed) and its input [1, tokens, D]."""
+def _return_freed_memory() -> None:
+    # glibc serves mid-sized blocks from a heap it keeps after free (its mmap threshold grows),
+    # so the peak RSS would count freed memory; a fixed 64 KiB threshold (M_MMAP_THRESHOLD = -3)
+    # returns every tensor to the OS when it is freed.
+    ctypes.CDLL(None).mallopt(-3, 65536)
+
+
+def build(
+    kernel: str, routing: str, tokens: int, dtype: str
+) -> tuple[MoEFeedForward, torch.Tensor]:
+    """The layer (same weights for every variant: same seed) and its input [1, tokens, D]."""
     torch.manual_seed(0)
-    cfg = MoEConfig(router="switch", num_experts=E, top_k=1, dropless=True, dispatch=dispatch)
-    layer = MoEFeedForward(cfg, D, FF, router=Router(cfg, D)).to(device)
+    cfg = MoEConfig(
+        router="switch", num_experts=E, top_k=1, dropless=True,
+        dispatch="stock" if kernel == "stock" else "grouped",
+        expert_kernel="auto" if kernel == "stock" else kernel,
+    )  # fmt: skip
+    layer = MoEFeedForward(cfg, D, FF, router=Router(cfg, D)).to(device())
     with torch.no_grad():
         if routing == "skewed":
-            x = skewed_inputs(layer, tokens, 0.55, device)
+            x = skewed_inputs(layer, tokens, 0.55, device())
         else:
-            x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(0)).to(device)
-    return layer, x[None].requires_grad_()
+            x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(0)).to(device())
+    layer.to(DTYPES[dtype])
+    return layer, x.to(DTYPES[dtype])[None].requires_grad_()
 
 
 def step(layer: MoEFeedForward, x: torch.Tensor) -> float:
-    start = CLOCK()
-    layer(x).out.square().mean().backward()
+    """Seconds of one forward+backward (CUDA events on a GPU, ``CPU_CLOCK`` on the CPU)."""
     if x.device.type == "cuda":
-        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = CPU_CLOCK()
+    layer(x).out.float().square().mean().backward()
     x.grad = None
     layer.zero_grad(set_to_none=True)
-    return CLOCK() - start
+    if x.device.type == "cuda":
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return CPU_CLOCK() - t0
 
 
-def measure_time(routing: str, tokens: int, repeats: int) -> dict:
-    """Both dispatches in one process, alternating, so load drift hits both alike; best of N."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layers = {d: build(d, routing, tokens, device) for d in ("stock", "grouped")}
-    layer, x = layers["grouped"]
-    busiest = torch.bincount(layer.router.route(x[0]).expert[:, 0], minlength=E).max()
-    times = {d: [] for d in layers}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for d, (layer, x) in layers.items():
-            seconds = step(layer, x)
-            if round_:
-                times[d].append(seconds)
-    return {"busiest": float(busiest) / tokens, **{d: min(t) for d, t in times.items()}}
+def available(kernels, dtype: str) -> tuple[list[str], dict[str, str]]:
+    """The kernels that run here, and why each other one does not."""
+    problem = grouped_mm_problem(device().type, device().index, DTYPES[dtype])
+    skipped = {"grouped_mm": problem} if problem and "grouped_mm" in kernels else {}
+    return [k for k in kernels if k not in skipped], skipped
 
 
-def measure_memory(dispatch: str, routing: str, tokens: int) -> float:
-    """Peak bytes of one fwd+bwd beyond the layer and its input (run alone in its process)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layer, x = build(dispatch, routing, tokens, device)
-    if device.type == "cuda":
+def peak_bytes(layer: MoEFeedForward, x: torch.Tensor) -> float:
+    """Peak bytes of one fwd+bwd beyond what is allocated before it."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step(layer, x)
-        return torch.cuda.max_memory_allocated() - before
-    before = rss_bytes()
+        return float(torch.cuda.max_memory_allocated() - before)
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set (VmHWM)
+        f.write("5")
+    before = _status_bytes("VmRSS")
     step(layer, x)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return float(_status_bytes("VmHWM") - before)
 
 
-def _run(*argv: str):
-    # glibc serves mid-sized blocks from a heap it keeps after free (its mmap threshold grows),
-    # so the peak RSS would count freed memory; a fixed threshold returns every tensor to the OS.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    argv = [sys.executable, __file__, *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(routing: str, tokens: int, repeats: int, kernels, dtype: str) -> dict:
+    """All variants in one process, alternating, so load drift hits all alike; best of N
+    rounds; then the peak memory of one more fwd+bwd of each."""
+    layers = {k: build(k, routing, tokens, dtype) for k in kernels}
+    layer, x = layers[kernels[0]]
+    busiest = torch.bincount(layer.router.route(x[0]).expert[:, 0], minlength=E).max()
+    times = {k: [] for k in layers}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for k, (layer, x) in layers.items():
+            seconds = step(layer, x)
+            if round_:
+                times[k].append(seconds)
+    memory = {k: peak_bytes(layer, x) for k, (layer, x) in layers.items()}
+    return {"routing": routing, "tokens": tokens, "busiest": float(busiest) / tokens,
+            "seconds": {k: min(t) for k, t in times.items()}, "peak_bytes": memory}  # fmt: skip
+
+
+def table(rows: list[dict], kernels) -> str:
+    head = ["tokens", "routing", "busiest expert"]
+    head += [f"{k} ms" for k in kernels] + [f"{k} peak MB" for k in kernels]
+    head += [f"{k}/stock time" for k in kernels[1:]] + [f"{k}/stock mem" for k in kernels[1:]]
+    if {"loop", "grouped_mm"} <= set(kernels):
+        head.append("grouped_mm/loop time")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s, m = r["seconds"], r["peak_bytes"]
+        cells = [str(r["tokens"]), r["routing"], f"{r['busiest']:.0%}"]
+        cells += [f"{s[k] * 1e3:.2f}" for k in kernels] + [f"{m[k] / 2**20:.0f}" for k in kernels]
+        cells += [f"{s[k] / s['stock']:.2f}x" for k in kernels[1:]]
+        cells += [f"{m[k] / m['stock']:.2f}x" for k in kernels[1:]]
+        if {"loop", "grouped_mm"} <= set(kernels):
+            cells.append(f"{s['grouped_mm'] / s['loop']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
+    global CPU_CLOCK, D, FF
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--routing", nargs="+", choices=("balanced", "skewed"),
+                        default=["balanced", "skewed"])  # fmt: skip
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
+                        help="variants; the first is the ratios' baseline (stock)")  # fmt: skip
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--d-model", type=int, default=D, help=f"layer width (default {D})")
+    parser.add_argument("--d-ff", type=int, default=FF, help=f"expert hidden width (default {FF})")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="one thread, process CPU seconds instead of wall seconds (robust on a shared machine)",
     )
-    parser.add_argument("--time", nargs=2, metavar=("ROUTING", "TOKENS"), help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--memory", nargs=3, metavar=("DISPATCH", "ROUTING", "TOKENS"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     if args.cpu_time:
-        global CLOCK
-        CLOCK = time.process_time
+        CPU_CLOCK = time.process_time
         torch.set_num_threads(1)
-    if args.time:
-        print(json.dumps(measure_time(args.time[0], int(args.time[1]), args.repeats)))
-        return 0
-    if args.memory:
-        print(json.dumps(measure_memory(args.memory[0], args.memory[1], int(args.memory[2]))))
-        return 0
-    cases = [(r, t) for t in args.tokens for r in ("balanced", "skewed")]
-    rows = []
-    for routing, tokens in tqdm(cases, desc="cases"):
-        flags = ["--cpu-time"] * args.cpu_time + ["--repeats", str(args.repeats)]
-        timing = _run(*flags, "--time", routing, str(tokens))
-        memory = {d: _run("--memory", d, routing, str(tokens)) for d in ("stock", "grouped")}
-        rows.append((routing, tokens, timing, memory))
-    device = (
+    if device().type == "cpu":
+        _return_freed_memory()
+    D, FF = args.d_model, args.d_ff
+    kernels, skipped = available(args.kernels, args.dtype)
+    if kernels[0] != "stock":
+        parser.error("--kernels: stock must come first (the ratios' baseline)")
+    rows = [
+        measure(r, t, args.repeats, kernels, args.dtype) for t in args.tokens for r in args.routing
+    ]
+    where = (
         torch.cuda.get_device_name()
-        if torch.cuda.is_available()
+        if device().type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} seconds"
     )
-    print(f"\nMoE layer fwd+bwd, E={E}, d={D}, FFN {FF}, top-1, dropless, fp32 ({device})\n")
-    print("| tokens | routing | busiest expert | stock s | grouped s | time ratio "
-          "| stock peak MB | grouped peak MB | memory ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for routing, tokens, t, m in rows:
-        print(
-            f"| {tokens} | {routing} | {t['busiest']:.0%} | {t['stock']:.3f} | {t['grouped']:.3f} "
-            f"| {t['grouped'] / t['stock']:.2f}x | {m['stock'] / 2**20:.0f} "
-            f"| {m['grouped'] / 2**20:.0f} | {m['grouped'] / m['stock']:.2f}x |"
-        )
+    print(f"\nMoE layer fwd+bwd, E={E}, d={D}, FFN {FF}, top-1, dropless, {args.dtype} ({where}), "
+          f"torch {torch.__version__}\n")  # fmt: skip
+    print(table(rows, kernels))
+    for kernel, why in skipped.items():
+        print(f"{kernel}: not run: {why}")
+    if args.json:
+        summary = {"device": where, "dtype": args.dtype, "torch": torch.__version__, "d_model": D,
+                   "d_ff": FF, "experts": E,
+                   "kernels": kernels, "skipped": skipped, "rows": rows}  # fmt: skip
+        args.json.write_text(json.dumps(summary, indent=1))
     return 0
 
 

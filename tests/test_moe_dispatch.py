@@ -54,7 +54,7 @@ def relative_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def grads(ffn: MoEFeedForward, x, pad, seed: int) -> dict[str, torch.Tensor]:
     out = ffn(x, pad).out
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
     named = dict(ffn.named_parameters())
     got = torch.autograd.grad((out * w).sum(), [x, *named.values()], allow_unused=True)
     result = {"out": out.detach(), "x": got[0]}
