@@ -73,7 +73,8 @@ def parts(smoke: bool, work: Path, out: Path, remaining) -> list:
                 "--json", str(work / "fidelity.json")]  # fmt: skip
         if smoke:  # stopped by the signal right after its first step: the time-limit path
             argv += ["--train-utterances", "24", "--d-model", "32", "--layers", "2",
-                     "--experts", "4", "--steps", "2", "--train-seconds", "0"]  # fmt: skip
+                     "--experts", "4", "--steps", "1000", "--train-seconds", "0",
+                     "--log-every", "1"]  # fmt: skip
         else:  # synthesis, start-up, export and eval take ~90 s around the trainings
             argv += ["--train-seconds", str(int(max(30.0, min(150.0, left - 100.0))))]
         return Part("fidelity", argv, max(left - 5.0, 60.0), work / "fidelity.json")

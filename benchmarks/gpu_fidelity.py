@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu_fidelity.py --out /tmp/fidelity       # one GPU: 8 x 256, ~3 min
     .venv/bin/python benchmarks/gpu_fidelity.py --out /tmp/f --train-utterances 48 \\
-        --d-model 32 --layers 2 --steps 3 --train-seconds 60   # toy sizes (gpu_check --cpu-smoke)
+        --d-model 32 --layers 2 --experts 4 --steps 1000 --train-seconds 0 --log-every 1  # toy
 
 The method of ``omni-ds demo`` (its stage commands, from ``omni_ds.demo.stages``: ``omni-ds
 synth``, a letter tokenizer, ``omni-ds train`` of ``configs/demo.yaml`` with ``model.moe.router``
@@ -75,12 +75,18 @@ def run_all(commands: dict[str, list[str]], logs: dict[str, Path]) -> None:
             )
 
 
+def _has_trained(run: Path) -> bool:
+    metrics = run / "metrics.jsonl"
+    return metrics.exists() and '"kind": "train"' in metrics.read_text()
+
+
 def train_all(commands: dict[str, list[str]], out: Path, seconds: float, steps: int):
     """The trainings side by side; SIGUSR1 to those still training after ``seconds``."""
     procs, logs, start = {}, {}, time.perf_counter()
     for i, (router, argv) in enumerate(commands.items()):
         logs[router] = open(out / f"train_{router}.log", "w")
-        env = {**os.environ, "MASTER_PORT": str(29600 + 10 * i + os.getpid() % 7)}
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(commands))),
+               **os.environ, "MASTER_PORT": str(29600 + 10 * i + os.getpid() % 7)}  # fmt: skip
         procs[router] = subprocess.Popen(argv, stdout=logs[router], stderr=subprocess.STDOUT,
                                          env=env)  # fmt: skip
     signalled, wall = set(), {}
@@ -91,9 +97,10 @@ def train_all(commands: dict[str, list[str]], out: Path, seconds: float, steps: 
                 continue
             if p.poll() is not None:
                 wall[router] = time.perf_counter() - start
-            # Only while it trains: its handler is installed once the run dir has config.yaml,
-            # and is gone again after the final checkpoint.
-            elif late and router not in signalled and (out / router / "config.yaml").exists():
+            # Only while it trains: after its first logged step (a stop before the first step
+            # exits with nothing saved) and before the final checkpoint (after which the
+            # handler is gone).
+            elif late and router not in signalled and _has_trained(out / router):
                 if not (out / router / "checkpoints" / f"step_{steps}").exists():
                     p.send_signal(signal.SIGUSR1)
                     signalled.add(router)
@@ -109,7 +116,10 @@ def train_all(commands: dict[str, list[str]], out: Path, seconds: float, steps: 
         lines = (out / router / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         train = [r for r in records if r.get("kind") == "train"]
-        latest = (out / router / "checkpoints" / "latest").read_text().strip()
+        latest_file = out / router / "checkpoints" / "latest"
+        if not latest_file.exists():
+            raise SystemExit(f"gpu_fidelity: training {router} left no checkpoint")
+        latest = latest_file.read_text().strip()
         result[router] = {"steps": int(latest.removeprefix("step_")), "wall_s": wall[router],
                           "stopped_by_time": p.returncode == EXIT_REQUEUE,
                           "last_train_log": train[-1] if train else {}}  # fmt: skip
@@ -127,6 +137,7 @@ def main() -> int:
     ap.add_argument("--train-seconds", type=float, default=150.0, help="wall budget per training")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-seconds", type=float, default=160.0, help="audio seconds per batch")
+    ap.add_argument("--log-every", type=int, default=10, help="train.log_every")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import torch
@@ -145,7 +156,7 @@ def main() -> int:
         f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
         f"model.n_heads={heads}", f"model.d_ff={4 * args.d_model}",
         f"model.moe.num_experts={args.experts}", f"deepspeed={ds}",
-        "train.dev_every=0", "train.progress_bar=false", f"train.log_every={min(10, args.steps)}",
+        "train.dev_every=0", "train.progress_bar=false", f"train.log_every={args.log_every}",
         "checkpoint.every_steps=0", f"data.max_batch_seconds={args.batch_seconds}",
         "data.dev={}",  # the eval below scores dev with the test sets
     ]  # fmt: skip
