@@ -129,7 +129,7 @@ def train_all(commands: dict[str, list[str]], out: Path, seconds: float, steps: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--train-utterances", type=int, default=9600)
+    ap.add_argument("--train-utterances", type=int, default=4800)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=8)

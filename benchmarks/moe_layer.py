@@ -155,6 +155,11 @@ def measure(routing: str, tokens: int, repeats: int, kernels, dtype: str) -> dic
             "seconds": {k: min(t) for k, t in times.items()}, "peak_bytes": memory}  # fmt: skip
 
 
+def ratio(a: float, b: float) -> str:
+    # Toy sizes can stay within one page of the resident set: nothing to divide by.
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
 def table(rows: list[dict], kernels) -> str:
     head = ["tokens", "routing", "busiest expert"]
     head += [f"{k} ms" for k in kernels] + [f"{k} peak MB" for k in kernels]
@@ -166,10 +171,10 @@ def table(rows: list[dict], kernels) -> str:
         s, m = r["seconds"], r["peak_bytes"]
         cells = [str(r["tokens"]), r["routing"], f"{r['busiest']:.0%}"]
         cells += [f"{s[k] * 1e3:.2f}" for k in kernels] + [f"{m[k] / 2**20:.0f}" for k in kernels]
-        cells += [f"{s[k] / s['stock']:.2f}x" for k in kernels[1:]]
-        cells += [f"{m[k] / m['stock']:.2f}x" for k in kernels[1:]]
+        cells += [ratio(s[k], s["stock"]) for k in kernels[1:]]
+        cells += [ratio(m[k], m["stock"]) for k in kernels[1:]]
         if {"loop", "grouped_mm"} <= set(kernels):
-            cells.append(f"{s['grouped_mm'] / s['loop']:.2f}x")
+            cells.append(ratio(s["grouped_mm"], s["loop"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
