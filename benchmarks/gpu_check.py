@@ -32,8 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 440.0
 """Wall seconds for the four parts on the GPU: 8 minutes less ~20 s of set-up and a margin."""
-SMOKE_BUDGET_S = 360.0
-"""The smoke's cap: ~1 min on an idle 2-core machine, several under a load of 10-20."""
+SMOKE_BUDGET_S = 600.0
+"""The smoke's cap: it does ~50 CPU-seconds of work (6 min wall measured at a load average of 40)."""
 
 
 NAMES = ("gpu_tests", "train_step", "moe_layer", "fidelity")

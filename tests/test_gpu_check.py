@@ -26,7 +26,7 @@ def test_cpu_smoke_runs_every_part_and_writes_the_summary(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=720,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
