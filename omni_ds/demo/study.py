@@ -205,11 +205,6 @@ def train(s: StudySettings, spec: RunSpec) -> dict:
     return {**record, "reused": False}
 
 
-def train_all(s: StudySettings, specs: list[RunSpec]) -> dict[RunSpec, dict]:
-    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-        return dict(zip(specs, pool.map(lambda spec: train(s, spec), specs)))
-
-
 def final_dev(s: StudySettings, spec: RunSpec) -> dict:
     """The last full-dev evaluation logged by the run (``wer``, ``loss``)."""
     rows = [json.loads(x) for x in (run_dir(s, spec) / "metrics.jsonl").read_text().splitlines()]
@@ -219,10 +214,10 @@ def final_dev(s: StudySettings, spec: RunSpec) -> dict:
     return dev[-1]
 
 
-def choose_lrs(s: StudySettings) -> dict[str, dict]:
+def choose_lrs(s: StudySettings, depths: list[int] | None = None) -> dict[str, dict]:
     """``{recipe: {"lr": chosen, "dev": {lr: (wer, loss)}}}`` by the rule of the module docstring."""
     out = {}
-    for depth in s.depths:
+    for depth in depths or s.depths:
         for router in s.routers:
             scores = {}
             for lr in s.sweep_lrs:
@@ -237,9 +232,12 @@ def choose_lrs(s: StudySettings) -> dict[str, dict]:
     return out
 
 
-def comparison_specs(s: StudySettings, chosen: dict[str, dict]) -> list[RunSpec]:
+def comparison_specs(
+    s: StudySettings, chosen: dict[str, dict], depths: list[int] | None = None
+) -> list[RunSpec]:
     return [RunSpec(router, depth, chosen[f"L{depth}-{router}"]["lr"], seed)
-            for depth in s.depths for router in s.routers for seed in s.seeds]  # fmt: skip
+            for depth in depths or s.depths for router in s.routers
+            for seed in s.seeds]  # fmt: skip
 
 
 def run_training(s: StudySettings) -> tuple[dict[str, dict], list[RunSpec], dict]:
@@ -252,14 +250,29 @@ def run_training(s: StudySettings) -> tuple[dict[str, dict], list[RunSpec], dict
             run_stage(stage, s.out)
     for lr in s.sweep_lrs:
         write_ds_config(s, lr)
-    # In the order of `depths` (shallow first: on a loaded machine the cheap half completes
-    # first), then routers, then LRs.
-    sweep = [RunSpec(r, d, lr, s.sweep_seed) for d in s.depths for r in s.routers
-             for lr in s.sweep_lrs]  # fmt: skip
-    records = train_all(s, sweep)
-    chosen = choose_lrs(s)
+    records: dict[RunSpec, dict] = {}
+    chosen: dict[str, dict] = {}
+    later = []
+    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
+
+        def submit(specs: list[RunSpec]) -> dict:
+            return {spec: pool.submit(train, s, spec) for spec in specs if spec not in records}
+
+        def sweep(depth: int) -> list[RunSpec]:
+            return [RunSpec(r, depth, lr, s.sweep_seed) for r in s.routers for lr in s.sweep_lrs]
+
+        # Depth by depth, in the order of `depths`: a depth's comparison runs are queued before
+        # the next depth's sweep, so on a loaded machine the first depths complete first.
+        pending = submit(sweep(s.depths[0]))
+        for i, depth in enumerate(s.depths):
+            records.update({spec: job.result() for spec, job in pending.items()})
+            chosen.update(choose_lrs(s, [depth]))
+            print(f"[study] chosen LRs at depth {depth}: "
+                  + ", ".join(f"{k} {chosen[k]['lr']:g}" for k in chosen if k.startswith(f"L{depth}-")),
+                  flush=True)  # fmt: skip
+            later.append(submit(comparison_specs(s, chosen, [depth])))
+            pending = submit(sweep(s.depths[i + 1])) if i + 1 < len(s.depths) else {}
+        for jobs in later:
+            records.update({spec: job.result() for spec, job in jobs.items()})
     (s.out / "lr_choice.json").write_text(json.dumps(chosen, indent=1) + "\n")
-    print("[study] chosen LRs: " + ", ".join(f"{k} {v['lr']:g}" for k, v in chosen.items()))
-    runs = comparison_specs(s, chosen)
-    records.update(train_all(s, [r for r in runs if r not in records]))
-    return chosen, runs, records
+    return chosen, comparison_specs(s, chosen), records
