@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omni_ds.demo.report import EvalResults, training_findings, verdicts, wer_findings
+from omni_ds.demo.report import (
+    EvalResults,
+    training_findings,
+    verdicts,
+    wer_findings,
+    write_report,
+)
 from omni_ds.demo.stages import ROUTERS, TEST_SETS, Stage, StageFailed, _finished, run_stage
 from omni_ds.eval.report_files import write_all
 from omni_ds.eval.wer import EvalReport, SetScore, UtteranceErrors
@@ -102,6 +108,23 @@ def test_report_verdicts_follow_the_intervals_including_where_omni_loses(tmp_pat
            "omni": {"omni": {"ctc": 0.6}}}  # fmt: skip
     line = training_findings(ctc)[0]
     assert "lowest first: switch 0.500, omni 0.600, dense 0.900" in line and "not so here" in line
+
+    # The whole report of a two-seed demo (no routing analysis here): tables, CTC, logged dev WER.
+    out = tmp_path / "demo"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "eval.json").write_text((tmp_path / "eval.json").read_text())
+    for i, name in enumerate(["dense", "dense-s1", "switch", "switch-s1", "omni", "omni-s1"]):
+        rows = [
+            {"kind": "train", "step": s, "ctc": 1.0 + i - s / 100, "loss": 9.0} for s in (10, 20)
+        ]
+        rows.append({"kind": "dev/dev", "step": 20, "wer": 0.5, "utterances": 49})
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path, table = write_report(out, "settings", [], seeds=2)
+    text = path.read_text()
+    assert "| `omni` | 2 | 10." in table and "− `dense` |" in table  # mean ± std, intervals
+    assert "| dense-s1 | 1.850 | 50.0% (49) |" in text  # CTC, not the logged loss
+    assert "first `train.dev_max_batches` dev batches" in text
 
 
 def test_stage_records_decide_reuse_resume_and_clean(tmp_path):

@@ -7,7 +7,7 @@ trainings are reused by the next invocation (``OUT/stages/``), so the command ca
 
 Then every comparison run is exported, ``omni-ds eval`` scores them all (WER, CER, mean ± std
 over seeds, paired bootstrap intervals of every pair) and ``omni-ds analyze`` measures each MoE
-run's cross-layer NMI and random-routing ablation; OUT/STUDY.md holds the tables.
+run's cross-layer NMI and random-routing ablation; OUT/STUDY-L4-L8.md holds the tables.
 
     nice -n 19 omni-ds study configs/study.yaml                # everything
     nice -n 19 omni-ds study configs/study.yaml --train-only   # the trainings only
@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-only", action="store_true", help="stop after the trainings (sweep and seeds)"
     )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        action="append",
+        metavar="N",
+        help="only these of the settings' depths (repeatable; default: all); the report says so",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     settings = load_settings(args.settings)
+    if args.depth:
+        unknown = sorted(set(args.depth) - set(settings.depths))
+        if unknown:
+            raise SystemExit(f"--depth {unknown}: not in the settings' depths {settings.depths}")
+        settings.depths = [d for d in settings.depths if d in args.depth]
     try:
         chosen, runs, records = run_training(settings)
         trained = sum(r["seconds"] for r in records.values() if not r["reused"])

@@ -3,7 +3,7 @@
 Every comparison run is exported to ``OUT/models/<run>``; one ``omni-ds eval`` scores all of them
 on dev and the test sets (seed groups, paired bootstrap intervals of every pair); ``omni-ds
 analyze`` measures each MoE run's cross-layer NMI and random-routing ablation on the in-domain
-``test`` set. ``OUT/STUDY.md`` gathers the tables (the text of docs/research.md's study section
+``test`` set. ``OUT/STUDY-<depths>.md`` gathers the tables (the text of docs/research.md's study section
 is written from it by hand, with the numbers copied, not retyped).
 """
 
@@ -41,6 +41,11 @@ def _done(path: Path, newer_than: Path) -> bool:
     return path.exists() and path.stat().st_mtime >= newer_than.stat().st_mtime
 
 
+def tag(s: StudySettings) -> str:
+    """``L4-L8``: the depths evaluated, naming OUT/eval-<tag>/ and OUT/STUDY-<tag>.md."""
+    return "-".join(f"L{d}" for d in s.depths)
+
+
 def evaluate(s: StudySettings, runs: list[RunSpec]) -> dict[str, float]:
     """Export, eval and analyze (each skipped when its output is newer than its input);
     returns the seconds each part took now."""
@@ -57,23 +62,24 @@ def evaluate(s: StudySettings, runs: list[RunSpec]) -> dict[str, float]:
         seconds["export"] = time.perf_counter() - start
         data = s.out / "data"
         sets = [a for n in ("dev", *TEST_SETS) for a in ("--test-set", f"{n}={data / n}")]
-        eval_json = s.out / "eval" / "eval.json"
+        eval_dir = s.out / f"eval-{tag(s)}"
+        eval_json = eval_dir / "eval.json"
         newest = max(
             (models / r.name / "config.json" for r in runs), key=lambda p: p.stat().st_mtime
         )
         start = time.perf_counter()
         if not _done(eval_json, newest):
             argv = [*_CLI, "eval", *(str(models / r.name) for r in runs), *sets, "--out",
-                    str(s.out / "eval"), "--bootstrap", str(s.bootstrap_samples),
+                    str(eval_dir), "--bootstrap", str(s.bootstrap_samples),
                     "--bootstrap-seed", str(s.bootstrap_seed)]  # fmt: skip
-            eval_job = pool.submit(_run, argv, logs / "eval.log")
+            eval_job = pool.submit(_run, argv, logs / f"eval-{tag(s)}.log")
         else:
             eval_job = None
         moe = [r for r in runs if r.router != "dense"]
         todo = [r for r in moe if not _done(s.out / "analysis" / r.name / "analysis.json",
                                             models / r.name / "config.json")]  # fmt: skip
         list(pool.map(lambda r: _run([*_CLI, "analyze", str(models / r.name), "--test-set",
-                                      str(data / ANALYSIS_SET), "--out",
+                                      f"{ANALYSIS_SET}={data / ANALYSIS_SET}", "--out",
                                       str(s.out / "analysis" / r.name)],
                                      logs / f"analyze-{r.name}.log"), todo))  # fmt: skip
         if eval_job is not None:
@@ -113,14 +119,13 @@ def write_report(
     seconds: dict,
 ) -> Path:
     """``OUT/STUDY.md``: LR sweep, the per-recipe table, the pairwise intervals, run times."""
-    data = json.loads((s.out / "eval" / "eval.json").read_text())
+    data = json.loads((s.out / f"eval-{tag(s)}" / "eval.json").read_text())
     groups = {g["name"]: g for g in data["groups"]}
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     by_recipe = {k: [r for r in runs if r.recipe == k] for k in recipes}
     group_of = {k: next(g for g in groups.values() if by_recipe[k][0].name in g["runs"])["name"]
                 for k in recipes}  # fmt: skip
-    lines = ["# Router study", "", f"Settings: `{settings}`; command: `omni-ds study {settings}`.",
-             ""]  # fmt: skip
+    lines = ["# Router study", "", f"Settings: `{settings}`; depths {s.depths}.", ""]
     lines += [f"## LR sweep (seed {s.sweep_seed}, final full-dev WER %, lowest chosen)", "",
               "| recipe | " + " | ".join(f"lr {lr:g}" for lr in s.sweep_lrs) + " | chosen |",
               "| --- |" + " ---: |" * (len(s.sweep_lrs) + 1)]  # fmt: skip
@@ -166,6 +171,6 @@ def write_report(
               f"{len(records)} trainings, {sum(trained):.0f} s of training in all "
               f"({min(trained):.0f}–{max(trained):.0f} s each, {s.parallel} at a time); "
               + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".", ""]  # fmt: skip
-    path = s.out / "STUDY.md"
+    path = s.out / f"STUDY-{tag(s)}.md"
     path.write_text("\n".join(lines))
     return path
