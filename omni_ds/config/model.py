@@ -96,8 +96,8 @@ class MoEConfig:
     expert_kernel: Literal["auto", "loop", "grouped_mm"] = "auto"
     """How ``grouped`` dispatch runs the experts: ``loop`` (one GEMM per expert), ``grouped_mm``
     (``torch._grouped_mm``, one GEMM for all; d_model and d_ff multiples of 8) or ``auto``: the
-    one measured faster on the device (the loop on CPUs, the grouped GEMM for bf16 on CUDA GPUs
-    of compute capability 9.0+ where this torch runs it; ``omni_ds.model.dispatch``)."""
+    loop on CPUs (measured faster there), the grouped GEMM for bf16 on CUDA GPUs of compute
+    capability 9.0+ where this torch runs it (``omni_ds.model.dispatch`` says why)."""
     router_bias: bool = False
     """Give the router a bias (E values) besides its E x d weight."""
     use_rts: bool = False

@@ -11,10 +11,11 @@ same way.
 The expert kernel (``model.moe.expert_kernel``): ``loop`` runs the local experts one after the
 other on their row blocks; ``grouped_mm`` runs all of them as one ``torch._grouped_mm`` per
 linear layer (the experts' weights stacked, no host sync on the row counts). ``auto`` takes the
-one measured faster on the device (``benchmarks/moe_layer.py --kernels``): the loop on CPUs
-(``_grouped_mm`` is 1.1-1.3x slower there), the grouped GEMM on CUDA GPUs of compute capability
-9.0+ for bf16 (where ``_grouped_mm`` has its CUTLASS kernel; other dtypes fall back to a loop
-inside torch) whenever this torch can run it, else the loop.
+loop on CPUs, where ``benchmarks/moe_layer.py`` measured ``_grouped_mm`` 1.04-1.09x slower
+(16k tokens, fp32), and the grouped GEMM for bf16 on CUDA GPUs of compute capability 9.0+, where
+``_grouped_mm`` has its CUTLASS kernel and torchtitan runs its experts through it (the H200 ratio
+is part 3 of ``benchmarks/gpu_check.sh``, not yet run); other dtypes and older GPUs, and any
+torch that cannot run it (:func:`grouped_mm_problem`), take the loop.
 """
 
 from __future__ import annotations
