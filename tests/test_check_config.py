@@ -167,7 +167,7 @@ def test_missing_files(tmp_path, capsys):
     assert "data.tokenizer: 'nowhere/sp.model' does not exist; check the path" in out
     code, out = _check(capsys, tmp_path / "nope.yaml")
     assert code == 2
-    assert "nope.yaml' does not exist; check the path" in out
+    assert "nope.yaml' is neither a file nor a shipped preset" in out and "omni_8x84m" in out
 
 
 def test_all_problems_are_reported_together(tmp_path, capsys):

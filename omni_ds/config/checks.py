@@ -303,8 +303,13 @@ def preflight(
     ``deepspeed:`` may likewise name a shipped JSON. Returns the config, the resolved DeepSpeed
     dict to train with, and every problem and warning.
     """
+    path = presets.find(config, "configs")
+    if not path.is_file():
+        return Preflight(None, None, [
+            f"config: {str(config)!r} is neither a file nor a shipped preset; give a YAML path or "
+            f"one of {', '.join(presets.names('configs'))}"], [])  # fmt: skip
     try:
-        cfg = load_config(presets.find(config, "configs"), overrides)
+        cfg = load_config(path, overrides)
     except ValueError as e:  # ConfigError, or data_pipeline's plain ValueError
         return Preflight(None, None, [str(e)], [])
     cfg = dataclasses.replace(cfg, deepspeed=presets.find(cfg.deepspeed, "ds_configs"))
