@@ -13,6 +13,7 @@ from data_pipeline.config import DataConfig
 from omni_ds.config.loading import apply_overrides, from_dict, load_yaml
 from omni_ds.config.model import ModelConfig
 from omni_ds.config.train import CheckpointConfig, TrainConfig
+from omni_ds.errors import ConfigError
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -31,6 +32,13 @@ class ExperimentConfig:
     """Run directory, length, seed, logging and dev evaluation (``omni_ds.config.train``)."""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """When to save, how many to keep, where to resume from (``omni_ds.config.train``)."""
+
+    def __post_init__(self) -> None:
+        if self.train.routing_trace_every and self.model.moe.router == "dense":
+            raise ConfigError(
+                f"train.routing_trace_every = {self.train.routing_trace_every} with model.moe."
+                "router = 'dense': a dense model has no routing to trace; set it to 0"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

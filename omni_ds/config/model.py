@@ -104,6 +104,22 @@ class MoEConfig:
     """Random token selection when dropping (training only): drop random frames, not late ones."""
     second_expert_sampling: bool = False
     """Top-2 only: sample the 2nd expert with Gumbel noise on the logits (training only)."""
+    router_groups: int | str = 1
+    """``router: omni`` only: the MoE layers in consecutive groups, one router per group. An
+    integer G dividing the number of MoE layers L (1 = one router for all, the Omni-router; L =
+    one per layer, Switch's routing), or the released Omni-router configs' grammar, one
+    ``AxE`` per group of A layers with E experts, joined by ``-`` (every A equal, every E =
+    num_experts): ``"4x4-4x4-4x4-4x4"`` = 16 MoE layers as 4 groups of 4 with 4 experts."""
+    expert_bias: bool = False
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router
+    probabilities to *choose* the experts (combine weights stay unbiased), moved after every
+    optimizer step by ``expert_bias_rate`` towards the mean load; no gradient. Combine with the
+    balance loss or replace it (``balance_loss_weight: 0``)."""
+    expert_bias_rate: float = 1e-3
+    """Step of the bias update: bias_i += rate * sign(mean load - load_i), recentred to mean 0."""
+    expert_bias_per_layer: bool = False
+    """A router shared by several layers keeps one bias per layer (balanced on that layer's own
+    load) instead of one bias for the router (balanced on the load summed over its layers)."""
 
     def __post_init__(self):
         def bad(key, fix):
@@ -133,6 +149,69 @@ class MoEConfig:
                 bad(key, "use a value >= 0")
         if not 0 <= self.jitter < 1:
             bad("jitter", "use a value in [0, 1)")
+        if self.expert_bias_rate < 0:
+            bad("expert_bias_rate", "use a value >= 0 (e.g. 1e-3)")
+        if self.expert_bias and self.router == "dense":
+            bad("expert_bias", "a dense model has no router to bias; use router: switch or omni")
+        if self.expert_bias and self.second_expert_sampling:
+            bad("expert_bias", "it and second_expert_sampling both pick the 2nd expert; use one")
+        self._parse_groups()
+
+    def _parse_groups(self) -> tuple[int, int | None]:
+        """``(groups, layers per group)`` of ``router_groups``; layers None for an integer G."""
+        groups = self.router_groups
+        if groups != 1 and self.router != "omni":
+            raise ConfigError(
+                f"model.moe.router_groups = {groups!r} needs router: omni (switch always has one "
+                "router per MoE layer, dense none); set router: omni"
+            )
+        if isinstance(groups, int):
+            if groups < 1:
+                raise ConfigError(f"model.moe.router_groups = {groups}: use at least 1")
+            return groups, None
+        sizes = []
+        for part in groups.split("-"):
+            layers, x, experts = part.partition("x")
+            if not (x and layers.isdigit() and experts.isdigit() and int(layers) > 0):
+                raise ConfigError(
+                    f"model.moe.router_groups = {groups!r}: {part!r} is not LAYERSxEXPERTS; "
+                    'write e.g. "4x4-4x4-4x4-4x4", or an integer number of groups'
+                )
+            if int(experts) != self.num_experts:
+                raise ConfigError(
+                    f"model.moe.router_groups = {groups!r}: {part!r} gives {experts} experts, but "
+                    f"every MoE layer has num_experts = {self.num_experts}; write "
+                    f"{layers}x{self.num_experts}"
+                )
+            sizes.append(int(layers))
+        if len(set(sizes)) > 1:
+            raise ConfigError(
+                f"model.moe.router_groups = {groups!r}: groups of {sizes} MoE layers are uneven; "
+                f"use groups of one size, e.g. router_groups: {len(sizes)}"
+            )
+        return len(sizes), sizes[0]
+
+    def group_sizes(self, moe_layers: int) -> list[int]:
+        """MoE layers of each router, in layer order, for a model with ``moe_layers`` of them:
+        dense ``[]``, switch ``[1] * L``, omni ``router_groups`` equal groups."""
+        if self.router == "dense":
+            return []
+        if self.router == "switch":
+            return [1] * moe_layers
+        groups, size = self._parse_groups()
+        if size is not None and groups * size != moe_layers:
+            raise ConfigError(
+                f"model.moe.router_groups = {self.router_groups!r} covers {groups * size} MoE "
+                f"layers, the model has {moe_layers}; make the groups add up to {moe_layers}, or "
+                "give the number of groups as an integer"
+            )
+        if moe_layers % groups:
+            divisors = [d for d in range(1, moe_layers + 1) if moe_layers % d == 0]
+            raise ConfigError(
+                f"model.moe.router_groups = {self.router_groups!r}: {groups} groups do not split "
+                f"the {moe_layers} MoE layers evenly; use one of {divisors}"
+            )
+        return [moe_layers // groups] * groups
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -201,6 +280,12 @@ class ModelConfig:
                 "model.cape_global_shift must be ≥ 0 and model.cape_global_scaling ≥ 1, got "
                 f"{self.cape_global_shift} and {self.cape_global_scaling}"
             )
+        self.moe.group_sizes(self.moe_layers)  # router_groups must split the MoE layers
+
+    @property
+    def moe_layers(self) -> int:
+        """Number of MoE layers."""
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe.router != "dense" and (index + 1) % self.moe_every == 0

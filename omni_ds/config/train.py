@@ -39,6 +39,12 @@ class TrainConfig:
     log_samples: bool = False
     """Also write each step's utterance keys per rank to ``samples/rank<R>.jsonl``: an audit
     of the data order (which utterances every step trained on, across resumes)."""
+    routing_trace_every: int = 0
+    """Every N steps each rank appends the per-layer expert choices of the step's first
+    ``routing_trace_frames`` real frames (plus each layer's expert load and selection bias) to
+    ``routing_trace/rank<R>.jsonl``; ``omni-ds analyze --trace RUN_DIR`` plots it. 0 = off."""
+    routing_trace_frames: int = 256
+    """Real frames per trace record and rank (bounds each record to frames x MoE layers ids)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "log_every"):
@@ -46,7 +52,11 @@ class TrainConfig:
                 raise ConfigError(
                     f"train.{key}: {getattr(self, key)} must be at least 1; set it to 1 or more"
                 )
-        for key in ("dev_every", "dev_max_batches"):
+        if self.routing_trace_frames < 1:
+            raise ConfigError(
+                f"train.routing_trace_frames: {self.routing_trace_frames} must be at least 1"
+            )
+        for key in ("dev_every", "dev_max_batches", "routing_trace_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: {getattr(self, key)} must be 0 (off) or positive")
         if self.max_nonfinite_in_a_row < 1:

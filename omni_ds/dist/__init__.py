@@ -11,6 +11,7 @@ from omni_ds.dist.collectives import (
     sum_counts_over_ranks,
     sum_over_group,
     sum_over_ranks,
+    sum_tensor_over_ranks,
     world_size,
 )
 from omni_ds.dist.launch import (
@@ -42,5 +43,6 @@ __all__ = [
     "sum_counts_over_ranks",
     "sum_over_group",
     "sum_over_ranks",
+    "sum_tensor_over_ranks",
     "world_size",
 ]

@@ -76,6 +76,15 @@ def sum_over_group(value: float, group) -> float:
     return float(t.item())
 
 
+def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` summed over all ranks, on ``t``'s device (integer sums are exact)."""
+    if not tdist.is_initialized():
+        return t.clone()
+    out = t.to(_device(), copy=True)
+    tdist.all_reduce(out)
+    return out.to(t.device)
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Every value averaged over ranks (every rank passes the same keys)."""
     return {k: v / world_size() for k, v in sum_over_ranks(values).items()}

@@ -8,8 +8,9 @@
 Router modes (``model.moe.router``): ``dense`` (plain FFN everywhere), ``switch`` (each MoE layer
 routes with its own :class:`~omni_ds.model.router.Router`), ``omni`` (one Router, ``self.router``,
 registered before the blocks so its canonical parameter name is ``router.*``, shared by every MoE
-layer; each layer applies it to its own normalised hidden state). The encoder makes the routers
-and hands each MoE block its own (a required argument). MoE layers are blocks ``moe_every-1, 2*moe_every-1, ...``.
+layer; each layer applies it to its own normalised hidden state); ``router_groups: G`` gives omni
+G routers (``self.routers``), each shared by L/G consecutive MoE layers. The encoder makes the
+routers and hands each MoE block its own (a required argument). MoE layers are blocks ``moe_every-1, 2*moe_every-1, ...``.
 
 Loss (:meth:`SpeechEncoder.loss`): CTC in fp32, **normalised per target token**: the summed
 negative log-likelihood of the batch divided by the number of target tokens in the batch (so a
@@ -44,6 +45,8 @@ class EncoderOutput(NamedTuple):
     """Scalar: unweighted router z-losses summed over MoE layers (0 for dense)."""
     routing: list[RoutingStats] | None
     """One entry per MoE layer with ``return_stats=True``, else None."""
+    load: torch.Tensor | None = None
+    """[MoE layers, E] int64 routes per expert with ``expert_bias`` (for its update), else None."""
 
 
 class LossOutput(NamedTuple):
@@ -106,7 +109,7 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block whose FFN is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, router: Router | None) -> None:
+    def __init__(self, cfg: ModelConfig, router: Router | None, router_layer: int = 0) -> None:
         super().__init__()
         self.is_moe = moe = router is not None
         self.ln_attn = nn.LayerNorm(cfg.d_model)
@@ -115,8 +118,9 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         if moe:
             self.ffn: nn.Module = MoEFeedForward(
-                cfg.moe, cfg.d_model, cfg.d_ff, router=router, dropout=cfg.dropout
-            )
+                cfg.moe, cfg.d_model, cfg.d_ff, router=router, router_layer=router_layer,
+                dropout=cfg.dropout,
+            )  # fmt: skip
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
 
@@ -134,14 +138,21 @@ class SpeechEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frontend = Frontend(cfg.frontend, cfg.d_model)
-        # The one place routers are made: omni shares one (registered before the blocks, so its
-        # canonical name is ``router.*``), switch gives every MoE layer its own.
-        self.router = Router(cfg.moe, cfg.d_model) if cfg.moe.router == "omni" else None
-        routers = [
-            (self.router or Router(cfg.moe, cfg.d_model)) if cfg.is_moe_layer(i) else None
+        # The one place routers are made, all before the blocks (the order of their random
+        # draws): omni shares one per group of consecutive MoE layers (registered before the
+        # blocks, so their canonical names are ``router.*``, or ``routers.<g>.*`` for several
+        # groups), switch gives every MoE layer its own.
+        sizes = cfg.moe.group_sizes(cfg.moe_layers)
+        omni = cfg.moe.router == "omni"
+        made = [Router(cfg.moe, cfg.d_model, layers=n if omni else 1) for n in sizes]
+        self.router = made[0] if omni and len(made) == 1 else None
+        if omni and len(made) > 1:
+            self.routers = nn.ModuleList(made)
+        slots = iter([(router, j) for router, n in zip(made, sizes) for j in range(n)])
+        self.blocks = nn.ModuleList(
+            Block(cfg, *next(slots)) if cfg.is_moe_layer(i) else Block(cfg, None)
             for i in range(cfg.n_layers)
-        ]
-        self.blocks = nn.ModuleList(Block(cfg, router) for router in routers)
+        )
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size + 1)
 
@@ -162,6 +173,7 @@ class SpeechEncoder(nn.Module):
         keep = valid_mask(lens.clamp_min(1), t)[:, None, None, :]
         zero = x.new_zeros((), dtype=torch.float32)
         balance, z_loss, routing = zero, zero, [] if return_stats else None
+        loads = []
         for block in self.blocks:
             x, moe = block(x, keep, pad_mask, return_stats)
             if moe is not None:
@@ -169,8 +181,11 @@ class SpeechEncoder(nn.Module):
                 z_loss = z_loss + moe.z_loss.float()
                 if return_stats:
                     routing.append(moe.stats)
+                if moe.load is not None:
+                    loads.append(moe.load)
         logits = self.head(self.ln_out(x))
-        return EncoderOutput(logits, lens, balance, z_loss, routing)
+        load = torch.stack(loads) if loads else None
+        return EncoderOutput(logits, lens, balance, z_loss, routing, load)
 
     def loss(
         self, out: EncoderOutput, tokens: torch.Tensor, token_lens: torch.Tensor

@@ -6,7 +6,8 @@
 
 Each block is a stock ``deepspeed.moe.layer.MoE`` (so expert-parallel groups, expert parameter
 marking, the expert checkpoint files and the optimizer's MoE param groups are DeepSpeed's) whose gate
-is replaced by the router: the shared one for ``omni``, a fresh one per layer for ``switch``.
+is replaced by the router: the shared one for ``omni`` (one per group of layers with
+``router_groups``), a fresh one per layer for ``switch``.
 
 Padding: only real frames are routed; pad positions of ``out`` are zero.
 
@@ -70,6 +71,8 @@ class MoEOutput(NamedTuple):
     z_loss: Tensor
     """Unweighted router z-loss of this layer."""
     stats: RoutingStats | None
+    load: Tensor | None = None
+    """[E] int64 routes per expert (``expert_bias`` only), for the bias update."""
 
 
 class FeedForward(nn.Module):
@@ -95,12 +98,15 @@ class MoEFeedForward(nn.Module):
         d_ff: int,
         *,
         router: Router,
+        router_layer: int = 0,
         dropout: float = 0.0,
     ):
+        """``router_layer``: this block's index among the layers sharing ``router``."""
         super().__init__()
         if cfg.router == "dense":
             raise ConfigError("moe.router = 'dense': build a FeedForward instead of an MoE block")
         self.cfg = cfg
+        self.router_layer = router_layer
         self.random_routing = False
         """Eval-only ablation: each frame's experts are replaced by uniformly random ones."""
         self.moe = MoE(
@@ -146,7 +152,9 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, shape[-1])
         real = None if pad_mask is None else ~pad_mask.reshape(-1)
         tokens = flat if real is None else flat[real]
-        routing = self.router.route(tokens, random_experts=self.random_routing)
+        routing = self.router.route(
+            tokens, layer=self.router_layer, random_experts=self.random_routing
+        )
         ep_group = self.moe.deepspeed_moe.ep_group
         if self.cfg.ep_size > 1 and ep_group is None:
             raise RuntimeError(
@@ -161,7 +169,9 @@ class MoEFeedForward(nn.Module):
         if real is not None:
             out = flat.new_zeros(flat.shape).index_put((real,), out)
         stats = _stats(routing) if return_stats else None
-        return MoEOutput(out.reshape(shape), routing.balance_loss, routing.z_loss, stats)
+        return MoEOutput(
+            out.reshape(shape), routing.balance_loss, routing.z_loss, stats, routing.load
+        )
 
     def _stock_dispatch(self, tokens: Tensor, routing: Routing, ep_group) -> Tensor:
         # All ranks of an expert-parallel group exchange equal [E, C, d] buffers, so C is the

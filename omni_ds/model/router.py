@@ -20,7 +20,12 @@ dense parameter. Three things differ from the stock gate:
 * Routing noise (jitter, random token selection, sampling of the 2nd expert) is drawn only in
   training mode; the stock gate also draws RTS and 2nd-expert noise in eval.
 
-Without noise and padding the decisions are exactly DeepSpeed's ``top1gating``/``top2gating``
+With ``expert_bias`` (auxiliary-loss-free balancing, DeepSeek-V3) a per-expert bias
+(``balance_bias``, one row per router or per sharing layer) is added to the probabilities to
+choose the experts; the combine weights stay the unbiased probabilities, and the bias moves only
+by :mod:`omni_ds.model.balance` after each optimizer step, never by gradient.
+
+Without noise, padding and bias the decisions are exactly DeepSpeed's ``top1gating``/``top2gating``
 (same capacity, same dropped tokens, same combine weights); ``tests/test_router.py`` checks it.
 """
 
@@ -57,6 +62,8 @@ class Routing:
     """E * sum_i f_i * P_i (f_i from the first choice, before drops), unweighted."""
     z_loss: Tensor
     """mean over frames of logsumexp(logits)^2, unweighted."""
+    load: Tensor | None = None
+    """[E] int64: routes (frames x k, before drops) per expert; with ``expert_bias`` only."""
 
     def deepspeed_routes(self, capacity: int) -> tuple:
         """The 7-tuple ``MOELayer.forward`` expects from its gate (sparse routes, [k, N] each)."""
@@ -87,21 +94,39 @@ def gating_kwargs(cfg: MoEConfig) -> dict:
 
 
 class Router(TopKGate):
-    """W_r with DeepSpeed's top-1/top-2 gating, applied to real frames only."""
+    """W_r with DeepSpeed's top-1/top-2 gating, applied to real frames only.
 
-    def __init__(self, cfg: MoEConfig, d_model: int):
+    ``layers``: how many MoE layers share this router (they call :meth:`route` with their
+    ``layer`` index 0..layers-1); it sizes the per-layer balancing bias."""
+
+    def __init__(self, cfg: MoEConfig, d_model: int, *, layers: int = 1):
         super().__init__(d_model, cfg.num_experts, **gating_kwargs(cfg))
         if cfg.router_bias:
             self.wg = nn.Linear(d_model, cfg.num_experts, bias=True)
         self.jitter = cfg.jitter
+        # Auxiliary-loss-free balancing (omni_ds.model.balance updates it). A buffer: in the
+        # checkpoint's dense module state, no gradient, no optimizer state. Its name must not
+        # contain "expert": DeepSpeed would file it with the experts' weights.
+        rows = layers if cfg.expert_bias_per_layer else 1
+        bias = torch.zeros(rows, cfg.num_experts) if cfg.expert_bias else None
+        self.register_buffer("balance_bias", bias)
+
+    def _apply(self, fn, recurse=True):
+        # The bias stays fp32 when the engine casts the model to bf16/fp16: its 1e-3 steps
+        # would vanish in bf16's 8-bit mantissa.
+        super()._apply(fn, recurse)
+        if self.balance_bias is not None:
+            self.balance_bias = self.balance_bias.float()
+        return self
 
     def _set_ep_group(self, ep_group) -> None:
         if self.ep_group is not None and ep_group is not self.ep_group:
             raise RuntimeError("a shared router serves one expert-parallel group; got a second one")
         self.ep_group = ep_group
 
-    def route(self, x: Tensor, *, random_experts: bool = False) -> Routing:
-        """Route real frames ``x`` [N, d]; ``random_experts`` picks uniform random experts."""
+    def route(self, x: Tensor, *, layer: int = 0, random_experts: bool = False) -> Routing:
+        """Route real frames ``x`` [N, d] of MoE layer ``layer`` (of the layers sharing this
+        router); ``random_experts`` picks uniform random experts."""
         x = x.float()
         if self.training and self.jitter > 0:
             x = multiplicative_jitter(x, device=x.device, epsilon=self.jitter)
@@ -114,6 +139,11 @@ class Router(TopKGate):
         denom = max(n, 1)  # a rank may hold no real frame; keep the losses finite and in the graph
 
         first_score = torch.rand_like(prob) if random_experts else prob
+        shift = self.selection_bias(layer)
+        if shift is not None and not random_experts:
+            # DeepSeek-V3's biased scores choose the experts (and so f_i of the balance loss);
+            # the combine weights below stay the unbiased prob.
+            first_score = prob.detach() + shift
         first = first_score.argmax(dim=-1)
         mask1 = F.one_hot(first, num_experts)
         balance = num_experts * (prob.sum(0) / denom * mask1.sum(0) / denom).sum()
@@ -122,12 +152,23 @@ class Router(TopKGate):
         if self.k == 1:
             expert, kept, slot, weight, capacity = self._top1(prob, mask1, first, cf)
         else:
-            second_score = first_score if random_experts else logits.detach()
+            second_score = first_score if random_experts or shift is not None else logits.detach()
             if self.training and self.top2_2nd_expert_sampling and not random_experts:
                 second_score = second_score - torch.empty_like(second_score).exponential_().log()
             second = second_score.masked_fill(mask1.bool(), float("-inf")).argmax(dim=-1)
             expert, kept, slot, weight, capacity = self._top2(prob, mask1, first, second, cf)
-        return Routing(expert, kept, slot, weight, prob, capacity, balance, z_loss)
+        load = None
+        if self.balance_bias is not None:
+            flat = expert.reshape(-1)
+            load = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+            load = load.index_add_(0, flat, torch.ones_like(flat))
+        return Routing(expert, kept, slot, weight, prob, capacity, balance, z_loss, load)
+
+    def selection_bias(self, layer: int = 0) -> Tensor | None:
+        """[E] fp32 bias layer ``layer`` adds to its probabilities to choose experts, or None."""
+        if self.balance_bias is None:
+            return None
+        return self.balance_bias[layer if self.balance_bias.shape[0] > 1 else 0]
 
     def _top1(self, prob, mask1, first, cf):
         n, num_experts = prob.shape

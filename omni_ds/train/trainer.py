@@ -41,6 +41,7 @@ from omni_ds.config.experiment import ExperimentConfig
 from omni_ds.config.loading import to_dict
 from omni_ds.errors import ConfigError
 from omni_ds.model import build_model
+from omni_ds.model.balance import LoadMeter
 from omni_ds.train.data import make_dev_sets, make_train_loader
 from omni_ds.train.dev_eval import dev_scores
 from omni_ds.train.engine import build_engine, close_monitors, describe_run, ds_config_for_run
@@ -54,6 +55,7 @@ from omni_ds.train.metrics import (
     step_flops,
 )
 from omni_ds.train.progress import Progress
+from omni_ds.train.routing_trace import RoutingTrace
 from omni_ds.train.run_lock import run_dir_lock
 from omni_ds.train.signals import EXIT_REQUEUE, StopRequest
 
@@ -123,6 +125,8 @@ class Trainer:
         self.counters = Counters()
         self.metrics: MetricsLog | None = None
         self.sample_log: JsonLines | None = None
+        self.trace: RoutingTrace | None = None
+        self.load_meter = LoadMeter()  # expert-bias balancing: the step's routes per expert
         self.stopping = False
         self._nonfinite_in_a_row = 0
         self._window = _Window()
@@ -155,11 +159,15 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.engine.monitor, rank=self.info.rank)
         if self.cfg.train.log_samples:
             self.sample_log = JsonLines(self.run_dir / "samples" / f"rank{self.info.rank}.jsonl")
+        if self.cfg.train.routing_trace_every:
+            self.trace = RoutingTrace(self.run_dir, self.info.rank,
+                                      every=self.cfg.train.routing_trace_every,
+                                      frames=self.cfg.train.routing_trace_frames)  # fmt: skip
         # A crash may have logged steps past the checkpoint; the resumed run redoes them, and
         # readers keep the redone records (omni_ds.train.metrics.read_records).
         mark = {"checkpoint": path.name if path is not None else None,
                 "passed_over": self.resume_from.passed_over}  # fmt: skip
-        for log in (self.metrics, self.sample_log):
+        for log in (self.metrics, self.sample_log, self.trace):
             if log is not None:
                 log.mark_resume(self.counters.step, **mark)
 
@@ -181,6 +189,8 @@ class Trainer:
                 continue
             step = self.counters.step
             self.progress.step(step, done.losses.total.item())
+            if self.trace is not None and self.trace.due(step):
+                self.trace.record(step, done.out.routing, self.model)
             if step % tcfg.log_every == 0:
                 values = self._log_values(done)
                 self.metrics.write(step, values, samples=self.engine.global_samples)
@@ -222,9 +232,10 @@ class Trainer:
         batch = self._next_batch()
         device = self.info.device
         log_now = (self.counters.step + 1) % self.cfg.train.log_every == 0
+        trace_now = self.trace is not None and self.trace.due(self.counters.step + 1)
         audio, audio_lens = batch["audio"].to(device), batch["audio_lens"].to(device)
         tokens, token_lens = batch["tokens"].to(device), batch["token_lens"].to(device)
-        out = self.engine(audio, audio_lens, return_stats=log_now)
+        out = self.engine(audio, audio_lens, return_stats=log_now or trace_now)
         losses = self.model.loss(out, tokens, token_lens)
         nonfinite, stop_now = dist.agree(not bool(torch.isfinite(losses.total)),
                                          self.stop.requested)  # fmt: skip
@@ -236,6 +247,7 @@ class Trainer:
             self._skip_nonfinite()
             return None
         self._nonfinite_in_a_row = 0
+        self.load_meter.add(out.load)
         self.engine.backward(losses.total)
         grad_norm = None
         if self.engine.zero_optimization_stage() == 0 and log_now:
@@ -251,6 +263,7 @@ class Trainer:
         if self.engine.global_steps == self.counters.step:  # inside an accumulation window
             return None
         self.counters.step = self.engine.global_steps
+        self.load_meter.update(self.model)  # the expert bias moves after the optimizer step
         return _Step(losses, out, grad_norm)
 
     def _skip_nonfinite(self) -> None:
@@ -308,7 +321,7 @@ class Trainer:
             self.progress.dev(self.counters.step, name, values)
 
     def close(self) -> None:
-        for log in (self.metrics, self.sample_log):
+        for log in (self.metrics, self.sample_log, self.trace):
             if log is not None:
                 log.close()
         close_monitors(self.engine)
