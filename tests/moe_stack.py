@@ -36,15 +36,21 @@ class MoEStack(nn.Module):
         self.cfg = cfg
         self.checkpoint = checkpoint
         self.dims = dict(d_in=d_in, d_model=d_model, d_ff=d_ff, layers=layers, classes=classes)
-        self.router = Router(cfg, d_model) if cfg.router == "omni" else None
+        self.router = Router(cfg, d_model, layers=layers) if cfg.router == "omni" else None
         self.proj = nn.Linear(d_in, d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(layers))
         if cfg.router == "dense":
             self.ffns = nn.ModuleList(FeedForward(d_model, d_ff) for _ in range(layers))
         else:
             self.ffns = nn.ModuleList(
-                MoEFeedForward(cfg, d_model, d_ff, router=self.router or Router(cfg, d_model))
-                for _ in range(layers)
+                MoEFeedForward(
+                    cfg,
+                    d_model,
+                    d_ff,
+                    router=self.router or Router(cfg, d_model),
+                    router_layer=i if self.router else 0,
+                )  # fmt: skip
+                for i in range(layers)
             )
         self.head = nn.Linear(d_model, classes)
 

@@ -11,6 +11,12 @@ measured increases rather than expect an ordering). See ``omni_ds.eval.analysis`
 definitions.
 
     omni-ds analyze models/omni --test-set dev=data/dev --out analysis/omni
+
+With ``--trace RUN_DIR`` it instead reads the routing trace a training run wrote
+(``train.routing_trace_every``) and plots cross-layer NMI, usage entropy and expert load over
+training steps (``omni_ds.eval.trace_analysis``) into RUN_DIR/analysis (or --out):
+
+    omni-ds analyze --trace runs/omni
 """
 
 from __future__ import annotations
@@ -21,8 +27,16 @@ from omni_ds.cli.options import add_test_set_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL_DIR", help="written by omni-ds export")
-    add_test_set_argument(parser, repeatable=False)
+    parser.add_argument(
+        "model", metavar="MODEL_DIR", nargs="?", help="written by omni-ds export (not with --trace)"
+    )
+    parser.add_argument(
+        "--trace",
+        metavar="RUN_DIR",
+        default=None,
+        help="plot the routing trace of a training run (train.routing_trace_every) instead",
+    )
+    add_test_set_argument(parser, repeatable=False, required=False)
     parser.add_argument(
         "--out", default=None, help="output directory (default: MODEL_DIR/analysis)"
     )
@@ -37,7 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
 
+def run_trace(args: argparse.Namespace) -> int:
+    from omni_ds.eval.trace_analysis import analyze_trace
+
+    curves, out = analyze_trace(args.trace, args.out)
+    print(
+        f"{args.trace}: {len(curves.steps)} traced steps ({curves.steps[0]}..{curves.steps[-1]}) "
+        f"from {curves.ranks} rank(s); mean cross-layer NMI {curves.nmi[0]:.3f} -> "
+        f"{curves.nmi[-1]:.3f}; wrote {out / 'trace.json'} and the trace plots"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        if args.model or args.test_set:
+            raise SystemExit("--trace RUN_DIR takes no MODEL_DIR and no --test-set")
+        return run_trace(args)
+    if not args.model or not args.test_set:
+        raise SystemExit("give MODEL_DIR and --test-set NAME=PATH (or --trace RUN_DIR)")
     import json
     from pathlib import Path
 

@@ -25,13 +25,15 @@ def test_set(text: str) -> tuple[str, str]:
     return name, path
 
 
-def add_test_set_argument(parser: argparse.ArgumentParser, *, repeatable: bool) -> None:
-    """``--test-set NAME=PATH`` (required; repeatable for commands that score several sets)."""
+def add_test_set_argument(
+    parser: argparse.ArgumentParser, *, repeatable: bool, required: bool = True
+) -> None:
+    """``--test-set NAME=PATH`` (repeatable for commands that score several sets)."""
     parser.add_argument(
         "--test-set",
         type=test_set,
         action="append" if repeatable else "store",
-        required=True,
+        required=required,
         metavar="NAME=PATH",
         help="a test set: its name in the reports, and a shard dir, .tar shard, JSONL manifest, "
         "Kaldi dir or LibriSpeech tree" + (" (repeatable)" if repeatable else ""),

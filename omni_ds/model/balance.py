@@ -38,20 +38,17 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 def update_biases(model: nn.Module, load: Tensor) -> None:
     """Move every router's ``balance_bias`` by the load ``[MoE layers, E]`` of one step, summed
     over all ranks (module docstring)."""
-    routers: dict[int, tuple] = {}
+    counts: dict[int, tuple] = {}  # id(router) -> (router, its summed load per bias row)
     for layer, block in enumerate(moe_layers(model)):
-        entry = routers.setdefault(id(block.router), (block.router, block.cfg, {}))
-        entry[2][block.router_layer] = load[layer]
-    for router, cfg, rows in routers.values():
-        bias = router.balance_bias
+        bias = block.router.balance_bias
         if bias is None:
             continue
-        counts = torch.stack([rows[j] for j in sorted(rows)]).to(bias.device, torch.float64)
-        if bias.shape[0] == 1:
-            counts = counts.sum(0, keepdim=True)
-        delta = torch.sign(counts.mean(-1, keepdim=True) - counts) * cfg.expert_bias_rate
-        delta = delta - delta.mean(-1, keepdim=True)
-        bias.add_(delta.to(bias.dtype))
+        _, rows = counts.setdefault(id(block.router), (block.router, torch.zeros_like(bias)))
+        # one row: the load of every layer sharing the router; per layer: each its own row
+        rows[block.router_layer if rows.shape[0] > 1 else 0] += load[layer].to(rows)
+    for router, rows in counts.values():
+        delta = torch.sign(rows.mean(-1, keepdim=True) - rows) * router.bias_rate
+        router.balance_bias.add_(delta - delta.mean(-1, keepdim=True))
 
 
 class LoadMeter:

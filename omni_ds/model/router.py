@@ -110,6 +110,7 @@ class Router(TopKGate):
         rows = layers if cfg.expert_bias_per_layer else 1
         bias = torch.zeros(rows, cfg.num_experts) if cfg.expert_bias else None
         self.register_buffer("balance_bias", bias)
+        self.bias_rate = cfg.expert_bias_rate
 
     def _apply(self, fn, recurse=True):
         # The bias stays fp32 when the engine casts the model to bf16/fp16: its 1e-3 steps
