@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import run_command, start_command
+from test_routing_trace import TRACE_SETS, check_trace_and_bias
 
 from omni_ds.ckpt.format import MANIFEST, latest_checkpoint
 from omni_ds.train.metrics import read_metrics, read_records
@@ -73,8 +74,11 @@ def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_zero2_expert_parallel_omni_router_loss_falls(corpus, tmp_path):
+    """Also with expert-bias balancing and the routing trace on (tests/test_routing_trace.py
+    checks what this run wrote for them)."""
     run = tmp_path / "run"
-    run_command(train_argv(corpus, run, "train.max_steps=20", ds="zero2_bf16.json"), 2)
+    sets = ("train.max_steps=20", *TRACE_SETS)
+    run_command(train_argv(corpus, run, *sets, ds="zero2_bf16.json"), 2)
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 21))
     first = sum(r["loss"] for r in records[:3]) / 3
@@ -90,6 +94,7 @@ def test_two_ranks_zero2_expert_parallel_omni_router_loss_falls(corpus, tmp_path
     assert (run / "config.yaml").is_file() and "ep_size: 2" in (run / "config.yaml").read_text()
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_20"
+    check_trace_and_bias(run, steps=20, ranks=2, tmp_path=tmp_path)
 
 
 @pytest.mark.slow
@@ -98,7 +103,7 @@ def test_kill9_and_resume_gives_the_straight_run(corpus, tmp_path):
     the same losses, the same samples at every step on every rank, the same final weights."""
     # Small batches, so that all 12 steps stay inside the first epoch.
     sets = ("train.max_steps=12", "checkpoint.every_steps=4", "train.log_samples=true",
-            "data.max_duration=8", "data.max_batch_seconds=8")  # fmt: skip
+            "data.max_duration=8", "data.max_batch_seconds=8", *TRACE_SETS)  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_command(train_argv(corpus, straight, *sets), 2)
 
@@ -121,6 +126,10 @@ def test_kill9_and_resume_gives_the_straight_run(corpus, tmp_path):
     b = final_weights(resumed / "checkpoints" / "step_12")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["router.balance_bias"].abs().sum() > 0  # the expert bias, resumed bitwise too
+    for rank in range(2):  # the routing trace holds each traced step once, as straight
+        trace = f"routing_trace/rank{rank}.jsonl"
+        assert (resumed / trace).read_text() == (straight / trace).read_text()
 
 
 def _saving(ckpts: Path) -> Path | None:
