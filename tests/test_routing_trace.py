@@ -66,6 +66,10 @@ def check_trace_and_bias(run: Path, *, steps: int, ranks: int, tmp_path: Path) -
 
 
 def test_trace_needs_a_router_and_sane_values():
+    from omni_ds.eval import trace_analysis
+    from omni_ds.train import metrics
+
+    assert trace_analysis.RESUME == metrics.RESUME  # the reader skips what the writer marks
     tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
     with pytest.raises(ConfigError, match="no routing to trace"):
         load_config(tiny, ["model.moe.router=dense", "train.routing_trace_every=10"])

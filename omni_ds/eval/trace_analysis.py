@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 from omni_ds.eval.analysis import agreement_matrix, entropy_bits, mean_offdiagonal  # noqa: E402
 
 TRACE_GLOB = "routing_trace/rank*.jsonl"
+RESUME = "resume"
+"""``kind`` of the line a resume appends (``omni_ds.train.metrics.RESUME``, a layer above)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,10 +81,17 @@ def read_trace(run_dir: str | Path) -> dict[int, list[dict]]:
         )
     by_step: dict[int, list[dict]] = {}
     for f in files:
+        records: list[dict] = []
         for line in f.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                by_step.setdefault(record["step"], []).append(record)
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("kind") == RESUME:  # the resumed attempt redid the steps past it
+                records = [r for r in records if r["step"] <= record["step"]]
+            else:
+                records.append(record)
+        for record in records:
+            by_step.setdefault(record["step"], []).append(record)
     return {s: sorted(rs, key=lambda r: r["rank"]) for s, rs in sorted(by_step.items())}
 
 

@@ -11,8 +11,9 @@ Every ``train.routing_trace_every`` optimizer steps each rank appends one JSON l
                                # or null
 
 A record holds at most ``train.routing_trace_frames`` x MoE layers choices, so the trace grows by
-a bounded amount per traced step. Like ``metrics.jsonl`` it is truncated to the resumed step on
-resume, so it holds each traced step once. ``omni-ds analyze --trace RUN_DIR``
+a bounded amount per traced step. Like ``metrics.jsonl``, a resume appends a marker line and the
+resumed attempt redoes the steps past its checkpoint; readers keep the redone records
+(``omni_ds.train.metrics.read_records``). ``omni-ds analyze --trace RUN_DIR``
 (:mod:`omni_ds.eval.trace_analysis`) turns it into curves over training.
 """
 
