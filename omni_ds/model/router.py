@@ -3,7 +3,8 @@
 The Omni-router's idea is in *how many* routers a model has, not in this class: the encoder
 (:mod:`omni_ds.model.encoder`) makes **one** :class:`Router` for ``router: omni`` and hands that
 same object to every :class:`omni_ds.model.moe.MoEFeedForward`, or one per MoE layer for
-``router: switch`` (Switch Transformer). Shared, each layer still applies it to its own layer-normed
+``router: switch`` (Switch Transformer), or one per group of consecutive layers with
+``router_groups``. Shared, each layer still applies it to its own layer-normed
 hidden states, so decisions can differ between layers, but there is exactly one router parameter
 tensor and its gradient is the sum of every layer's contribution.
 
