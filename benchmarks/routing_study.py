@@ -9,9 +9,10 @@ reused, so an interrupted study continues where it stopped.
 
     nice -n 19 python benchmarks/routing_study.py --out runs/routing_study --seeds 0 1 2
 
-Prints and writes OUT/summary.json: per variant the average WER over the five sets (mean over
-seeds with a 95% t-interval), the paired per-seed difference to omni + balance loss (mean and
-95% t-interval), and the last traced step's cross-layer NMI and usage entropy.
+``omni-ds eval`` groups the seeds of each variant (mean ± std) and gives every pair of variants
+a 95% paired bootstrap interval (utterances and seeds resampled); this prints its eval.md, and
+the last traced step's cross-layer NMI, usage entropy and busiest expert's share (mean ± std over
+the seeds), and writes OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ VARIANTS = {
     "groups2": ["model.moe.router_groups=2"],
 }
 BASELINE = "omni_loss"
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% Student t, by sample size
 
 
 def run(argv: list[str], env: dict | None = None) -> None:
@@ -70,39 +70,38 @@ def train(out: Path, data: Path, tokenizer: Path, name: str, seed: int, steps: i
     return model
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided 95% t-interval."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(T95[len(v)] * v.std(ddof=1) / np.sqrt(len(v)))
-
-
-def last_trace(run_dir: Path) -> dict:
+def last_trace(run_dir: Path) -> dict[str, float]:
+    """The last traced step of a run: cross-layer NMI, usage entropy, busiest expert's share."""
     from omni_ds.eval.trace_analysis import analyze_trace
 
     curves, _ = analyze_trace(run_dir)
-    return {"step": int(curves.steps[-1]), "nmi": float(curves.nmi[-1]),
+    return {"nmi": float(curves.nmi[-1]),
             "usage_entropy_bits": float(curves.usage_entropy_bits[-1].mean()),
             "busiest_share": float(curves.load[-1].max(-1).mean())}  # fmt: skip
 
 
 def summarize(out: Path, seeds: list[int]) -> dict:
-    reports = json.loads((out / "eval" / "eval.json").read_text())["models"]
-    wer = {Path(r["model"]).name: {s: r["sets"][s]["wer"] for s in SETS} for r in reports}
-    summary = {}
+    """omni-ds eval's seed groups (mean ± std) and paired bootstrap intervals of the mean WER
+    over the four shifted sets, with the routing trace's last step per variant."""
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    groups = {g["name"]: g for g in report["groups"]}
+    summary: dict = {"variants": {}, "pairs": []}
     for name in VARIANTS:
-        avg = [float(np.mean(list(wer[f"{name}_s{s}"].values()))) for s in seeds]
-        diff = [a - float(np.mean(list(wer[f"{BASELINE}_s{s}"].values())))
-                for a, s in zip(avg, seeds)]  # fmt: skip
         traces = [last_trace(out / "runs" / f"{name}_s{s}") for s in seeds]
-        summary[name] = {
-            "avg_wer_per_seed": avg,
-            "avg_wer": interval(avg),
-            "diff_to_baseline": interval(diff),
-            "per_set": {s: interval([wer[f"{name}_s{x}"][s] for x in seeds]) for s in SETS},
-            "trace_last": {k: interval([t[k] for t in traces]) for k in traces[0] if k != "step"},
+        summary["variants"][name] = {
+            "runs": groups[name]["runs"],
+            "wer_mean_std": groups[name]["wer"],
+            "trace_last_mean_std": {
+                k: [
+                    float(np.mean([t[k] for t in traces])),
+                    float(np.std([t[k] for t in traces], ddof=1)),
+                ]
+                for k in traces[0]
+            },  # fmt: skip
         }
+    for pair in report["pairs"]:
+        if pair["metric"] == "wer" and BASELINE in (pair["a"], pair["b"]):
+            summary["pairs"].append({k: pair[k] for k in ("a", "b", "intervals")})
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -121,12 +120,11 @@ def main() -> int:
         run([*CLI, "eval", *map(str, models), "--out", str(out / "eval"),
              *(a for s in SETS for a in ("--test-set", f"{s}={out / 'data' / s}"))])  # fmt: skip
     summary = summarize(out, args.seeds)
-    pct = lambda m: f"{100 * m[0]:.2f} ± {100 * m[1]:.2f}"  # noqa: E731
-    print("| variant | avg WER (%) | vs omni_loss (points) | NMI (last) | usage entropy (bits) |")
-    for name, s in summary.items():
-        t = s["trace_last"]
-        print(f"| {name} | {pct(s['avg_wer'])} | {pct(s['diff_to_baseline'])} | "
-              f"{t['nmi'][0]:.3f} ± {t['nmi'][1]:.3f} | {t['usage_entropy_bits'][0]:.3f} |")  # fmt: skip
+    print((out / "eval" / "eval.md").read_text())
+    print("| variant | cross-layer NMI | usage entropy (bits) | busiest expert's share |")
+    for name, v in summary["variants"].items():
+        t = v["trace_last_mean_std"]
+        print(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in t.values()) + " |")
     return 0
 
 
