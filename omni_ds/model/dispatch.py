@@ -61,12 +61,15 @@ def grouped_mm_problem(device_type: str, device_index: int | None, dtype: torch.
         return f"torch {torch.__version__} has no torch._grouped_mm"
     device = torch.device(device_type, device_index)
     try:
+        # A private generator: the probe runs at a process's first forward, so a draw from the
+        # global RNG would shift a resumed run's dropout away from the straight run's.
+        g = torch.Generator(device=device).manual_seed(0)
         with torch.enable_grad(), torch.autocast(device_type, enabled=False):
-            x = torch.randn(5, 8, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+            x = torch.randn(5, 8, generator=g, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 8, 8, generator=g, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([2, 5], device=device, dtype=torch.int32)
             y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-            (y * torch.randn_like(y)).sum().backward()
+            (y * torch.randn(y.shape, generator=g, device=device, dtype=dtype)).sum().backward()
     except (RuntimeError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return (
