@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def parts(smoke: bool, work: Path, out: Path, remaining) -> list:
     if smoke:
         tests += ["--collect-only", "-q"]
     else:
+        (out / "gpu_tests.xml").unlink(missing_ok=True)  # never a report of an earlier run
         tests += ["-q", "--junitxml", str(out / "gpu_tests.xml")]
     step = [py, "benchmarks/router_step.py", "--json", str(work / "train_step.json")]
     if smoke:
@@ -96,13 +98,14 @@ def run_part(part: Part, log) -> tuple[dict, str]:
     log.write(f"\n===== {part.name}: {' '.join(part.argv)}\n")
     log.flush()
     start = time.perf_counter()
+    # Its own process group: a time-out ends the trainings a part started too (they hold the GPU).
     proc = subprocess.Popen(part.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+                            text=True, start_new_session=True)  # fmt: skip
     try:
         output, _ = proc.communicate(timeout=part.timeout_s)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         code = None
     seconds = time.perf_counter() - start
