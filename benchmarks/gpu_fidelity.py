@@ -145,7 +145,7 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings(out=args.out, steps=args.steps, train_utterances=args.train_utterances,
-                            nproc=1)  # fmt: skip
+                            nproc=1, seeds=1)  # fmt: skip
     plan = {s.name: s for s in stages(settings)}
     t0 = time.perf_counter()
     for name in ("corpus", "tokenizer"):

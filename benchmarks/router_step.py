@@ -96,7 +96,7 @@ def main() -> int:
     ap.add_argument("--config", default="configs/omni_8x84m.yaml")
     ap.add_argument("--ds", default="ds_configs/zero2_bf16.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--batch", type=int, default=32, help="utterances per step")
+    ap.add_argument("--batch", type=int, default=64, help="utterances per step")
     ap.add_argument("--seconds", type=float, default=16.0, help="longest utterance, seconds")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per round")
     ap.add_argument("--rounds", type=int, default=3)
