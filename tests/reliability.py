@@ -7,8 +7,9 @@ it takes 15-30 minutes on 2 cores; CI has one small test per mechanism).
 Each run is ``omni-ds train configs/tiny.yaml`` on the synthetic corpus, 2 ranks, ZeRO-2 fp32,
 ep_size 2, the Omni router, started through ``tests/harness.py`` as a launcher would. It measures:
 
-1. random ``kill -9``: one run killed (every rank's process group) at a random moment
-   ``--kills`` times and resumed with ``--resume auto`` each time: every logged loss of every
+1. random ``kill -9``: one run killed (every rank's process group) at a random moment (1-9
+   steps after its resume point, plus a random fraction of a step) ``--kills`` times and
+   resumed with ``--resume auto`` each time: every logged loss of every
    attempt, each rank's utterances per step, and the final weights must equal an uninterrupted
    run's, bitwise;
 2. kills inside a save (``checkpoint.every_steps=1``; killed while a tag has files and no
@@ -67,12 +68,34 @@ def weights(tag: Path) -> dict:
     return consolidate(tag).state_dict
 
 
+def attempt(run_dir: Path) -> tuple[int, int]:
+    """(resume lines so far, last train step logged after the last of them; -1 if none)."""
+    marks, last = 0, -1
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0, -1
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line being written
+            continue
+        if record.get("kind") == "resume":
+            marks, last = marks + 1, -1
+        elif record.get("kind") == "train":
+            last = record["step"]
+    return marks, last
+
+
 def wait_for_step(run_dir: Path, group, after: int, timeout: float = 600) -> bool:
-    """Wait until a step past ``after`` is logged; False when the run ended first."""
+    """Wait until the attempt ``group`` runs (its resume line is there) has logged a step past
+    ``after``; False when it ended first."""
     deadline = time.monotonic() + timeout
+    marks = attempt(run_dir)[0] if (run_dir / "metrics.jsonl").exists() else -1
     while True:
-        steps = [s for s, _ in raw_losses(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-        if steps and steps[-1] > after:
+        now, last = attempt(run_dir)
+        # a fresh run dir gets no resume line; a resumed one gets one per attempt
+        if (now > marks or marks == -1) and last > after:
             return True
         if any(p.poll() is not None for p in group.procs):
             return False
@@ -91,15 +114,15 @@ def random_kills(corpus: Path, ds: Path, work: Path, kills: int, steps: int, rng
         start = int(done.name.split("_")[1]) if done else 0
         with start_command(train_argv(corpus, ds, killed, *sets) + ["--resume", "auto"],
                            2) as group:  # fmt: skip
-            if not wait_for_step(killed, group, start):
+            if not wait_for_step(killed, group, start + rng.randint(0, 8)):
                 group.wait(timeout=120)
                 break  # finished before the kill
-            time.sleep(rng.uniform(0.0, 3.0))
+            time.sleep(rng.uniform(0.0, 0.5))
             group.kill()
         landed += 1
         resumed_from.append(start)
         print(f"  kill {landed}: resumed from step {start}, killed at step "
-              f"{raw_losses(killed)[-1][0]}", flush=True)  # fmt: skip
+              f"{attempt(killed)[1]}", flush=True)  # fmt: skip
     run_command(train_argv(corpus, ds, killed, *sets) + ["--resume", "auto"], 2, timeout=1800)
     records = raw_losses(killed)
     mismatched = [(s, v) for s, v in records if reference.get(s) != v]
@@ -113,8 +136,11 @@ def random_kills(corpus: Path, ds: Path, work: Path, kills: int, steps: int, rng
 
 
 def _saving(ckpts: Path) -> Path | None:
+    """A tag being written (files, no manifest yet) newer than a complete checkpoint."""
     complete = latest_checkpoint(ckpts)
-    newest = int(complete.name.split("_")[1]) if complete else 0
+    if complete is None:
+        return None
+    newest = int(complete.name.split("_")[1])
     for d in ckpts.glob("step_*"):
         try:
             if int(d.name.split("_")[1]) > newest and any(d.iterdir()):
@@ -216,18 +242,19 @@ def main() -> None:
         (work / "ds.json").write_text(json.dumps(ds))
         corpus, ds_path = work / "corpus", work / "ds.json"
         t0 = time.monotonic()
-        print("random kill -9 ...", flush=True)
-        results["random_kills"] = random_kills(corpus, ds_path, work, args.kills, args.steps, rng)
-        print("kills inside a save ...", flush=True)
-        results["save_kills"] = save_kills(corpus, ds_path, work, args.save_kills)
-        print("one-byte damage ...", flush=True)
-        tag = latest_checkpoint(work / "killed" / "checkpoints")
-        results["corruption"] = corruptions(tag, rng)
-        print("run-dir lock ...", flush=True)
-        results["lock"] = lock_refusals(corpus, ds_path, work, args.lock_tries)
-        results["minutes"] = round((time.monotonic() - t0) / 60, 1)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+        phases = {
+            "random_kills": lambda: random_kills(corpus, ds_path, work, args.kills, args.steps, rng),
+            "save_kills": lambda: save_kills(corpus, ds_path, work, args.save_kills),
+            "corruption": lambda: corruptions(latest_checkpoint(work / "killed" / "checkpoints"),
+                                              rng),
+            "lock": lambda: lock_refusals(corpus, ds_path, work, args.lock_tries),
+        }  # fmt: skip
+        for name, phase in phases.items():
+            print(f"{name} ...", flush=True)
+            results[name] = phase()
+            results["minutes"] = round((time.monotonic() - t0) / 60, 1)
+            args.out.write_text(json.dumps(results, indent=1))  # each phase as soon as it ends
+            print(json.dumps(results[name]), flush=True)
 
 
 if __name__ == "__main__":

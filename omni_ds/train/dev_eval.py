@@ -4,6 +4,11 @@ Every rank decodes its own share of each dev set (``data_pipeline.ordered`` give
 same number of batches, which the MoE all-to-all needs, padding with filler batches that run the
 forward but are left out of the loss and the WER); transcripts are gathered on rank 0, which
 scores them with the same normaliser and jiwer path as ``omni-ds eval``.
+
+The scores are a function of the weights alone: each pass reads the same batches in the same
+order (an ``OrderedReader`` keeps no epoch counter or other state between passes), in eval mode
+(no dropout, SpecAugment or routing noise), so a resumed run's dev loss equals the uninterrupted
+run's exactly, however many evaluations either process ran before (``tests/test_train.py``).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ steps are logged twice. Rank 0 holds ``RUN/omni_ds.lock`` for the whole run:
 A lock that is free is *stale*, and taken over, when its record says it was released,
 or that its holder was an earlier attempt of this SLURM job (a requeued restart), or a process on
 this host that is gone, or one on another host whose heartbeat stopped over :data:`STALE_S` ago.
-A lock that is held is waited for up to ``wait_s`` (the orphans of a killed launcher need a
-moment to notice, :mod:`omni_ds.train.launcher_watch`), then refused with :class:`RunDirInUse`.
+A lock that is held is waited for up to ``wait_s`` (the orphans of a killed launcher stop within
+half a second, :mod:`omni_ds.train.launcher_watch`), then refused with :class:`RunDirInUse`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def stale_reason(record: dict, age_s: float, me: dict) -> str | None:
 class RunLock:
     """The lock of one run directory, held by this process (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, wait_s: float = 5.0):
+    def __init__(self, run_dir: Path, wait_s: float = 2.0):
         self.path = Path(run_dir) / LOCK_FILE
         self.wait_s = wait_s
         self.me = holder_record()
@@ -168,7 +168,10 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            os.utime(self.path)
+            try:
+                os.utime(self.path)
+            except OSError:  # the run dir went away under the run; its writes will say so
+                return
 
     def release(self) -> None:
         if self._fd is None:
@@ -181,7 +184,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path, wait_s: float = 5.0) -> Iterator[None]:
+def run_dir_lock(run_dir: Path, wait_s: float = 2.0) -> Iterator[None]:
     """Collective: rank 0 takes the run dir's lock for the ``with`` block; every rank raises
     :class:`RunDirInUse` when it cannot."""
     from omni_ds import dist
@@ -195,6 +198,8 @@ def run_dir_lock(run_dir: Path, wait_s: float = 5.0) -> Iterator[None]:
                 print(f"{run_dir}: {note}", file=sys.stderr, flush=True)
         except RunDirInUse as e:
             outcome = str(e)
+        except OSError as e:  # every rank must hear of it, or the others wait in the broadcast
+            outcome = f"cannot lock {lock.path}: {e}"
     outcome = dist.broadcast_object(outcome)
     if outcome is not None:
         raise RunDirInUse(outcome)

@@ -6,9 +6,11 @@ necessarily to every rank at the same moment. A rank that acted on its own flag 
 flag only records the signal, and :func:`omni_ds.dist.agree` combines it with the other per-step flags in one
 ``all_reduce(MAX)``: every rank stops at the same step.
 
-Install :class:`StopRequest` before creating data-loader workers: forked workers inherit the
-handler, so a signal that reaches them only sets a flag in their own memory instead of killing
-them.
+``omni-ds train`` installs :class:`StopRequest` first, before its imports and the start-up
+(seconds, during which SLURM may already signal), so that an early signal is a stop request, not
+the end of the process; a stop agreed before the first step exits 75 without a checkpoint. It is
+also in place before data-loader workers fork: they inherit the handler, so a signal that reaches
+them only sets a flag in their own memory instead of killing them.
 """
 
 from __future__ import annotations

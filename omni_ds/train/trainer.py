@@ -175,11 +175,8 @@ class Trainer:
         """Train to ``train.max_steps``; returns 0, or :data:`EXIT_REQUEUE` after a stop signal."""
         self.resume()
         if dist.agree(self.stop.requested)[0]:  # before the first step: nothing new to save
-            print(f"stop signal before the first step; exit {EXIT_REQUEUE}", file=sys.stderr,
-                  flush=True)  # fmt: skip
             self.close()
-            dist.shutdown()
-            return EXIT_REQUEUE
+            return _stopped_before_the_first_step()
         tcfg = self.cfg.train
         self.progress = Progress(tcfg.max_steps, self.counters.step, enabled=self.info.is_main,
                                  bar=tcfg.progress_bar)  # fmt: skip
@@ -327,6 +324,12 @@ class Trainer:
         close_monitors(self.engine)
 
 
+def _stopped_before_the_first_step() -> int:
+    print(f"stop signal before the first step; exit {EXIT_REQUEUE}", file=sys.stderr, flush=True)
+    dist.shutdown()
+    return EXIT_REQUEUE
+
+
 def train(cfg: ExperimentConfig, ds_config: dict, stop: StopRequest) -> int:
     """Train ``cfg`` (already checked) with DeepSpeed ``ds_config``; returns the exit code.
     ``stop`` was installed before anything else (and before loader workers fork: they inherit
@@ -335,6 +338,8 @@ def train(cfg: ExperimentConfig, ds_config: dict, stop: StopRequest) -> int:
     watch_launcher(info.env.launcher)
     dist.seed_everything(cfg.train.seed, info.rank)
     with run_dir_lock(Path(cfg.train.run_dir)):
+        if dist.agree(stop.requested)[0]:  # already asked to stop: build nothing
+            return _stopped_before_the_first_step()
         code = Trainer(cfg, ds_config, info, stop).train()
     if code == 0:
         dist.shutdown()
