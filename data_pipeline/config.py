@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from data_pipeline.remote import Remote, is_url, redact
 
 
 def _fail(key: str, value, fix: str) -> None:
@@ -21,8 +24,9 @@ class DataConfig:
 
     train: list[str] = dataclasses.field(default_factory=lambda: ["data/synth/train"])
     """Shard sources of the training corpus, pooled: shard directories, ``.tar`` files, brace
-    patterns (``shards/shard-{000000..000099}.tar``) or globs (``data_pipeline.sources``); an
-    index missing is built (``omni-ds make-shards`` / ``omni-ds synth`` write one)."""
+    patterns (``shards/shard-{000000..000099}.tar``) or globs (``data_pipeline.sources``), or
+    the same as ``s3://``/``https://`` URLs; an index missing is built (``omni-ds make-shards`` /
+    ``omni-ds synth`` write one)."""
     dev: dict[str, str] = dataclasses.field(default_factory=lambda: {"dev": "data/synth/dev"})
     """Dev sets by name (shard sources, or any input ``omni-ds eval`` reads), read by
     ``data_pipeline.ordered``: every utterance once, in order, unfiltered; batched under
@@ -66,9 +70,32 @@ class DataConfig:
     that stops the run: the tokenizer does not fit the corpus (after
     ``error_rate_min_samples`` samples)."""
 
+    endpoint_url: str = ""
+    """Endpoint of an S3-compatible store (MinIO, Ceph...) holding ``s3://`` sources, e.g.
+    ``http://minio:9000``; empty: AWS, or the endpoint of the environment / AWS config. Never
+    credentials: those come from the environment or the AWS files (``data_pipeline.remote``)."""
+    remote_timeout: float = 30.0
+    """Seconds one request to a URL source may take before it is retried."""
+    remote_retries: int = 6
+    """Retries of a transient failure (timeout, 5xx, dropped connection) of a URL source, with
+    backoff, before its sample counts as ``missing_shard``."""
+
+    def remote(self) -> Remote:
+        """How this config's URL sources are reached."""
+        return Remote(self.endpoint_url, self.remote_timeout, self.remote_retries)
+
     def __post_init__(self) -> None:
         if not self.train:
             _fail("train", self.train, "list at least one shard directory")
+        named = [("train", t) for t in self.train] + [("dev", d) for d in self.dev.values()]
+        for key, spec in [*named, ("endpoint_url", self.endpoint_url)]:
+            parts = urlsplit(str(spec))
+            if is_url(spec) and (parts.password or parts.query):
+                _fail(key, redact(spec), "never put credentials in a URL (it is written to the run "
+                      "directory); use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials")  # fmt: skip
+        if self.remote_timeout <= 0 or self.remote_retries < 0:
+            _fail("remote_timeout", (self.remote_timeout, self.remote_retries),
+                  "need remote_timeout > 0 seconds and remote_retries >= 0")  # fmt: skip
         if not 0 <= self.min_duration < self.max_duration:
             _fail(
                 "min_duration",

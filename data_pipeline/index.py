@@ -29,7 +29,10 @@ import os
 import tarfile
 from pathlib import Path
 
+from data_pipeline import remote as urls
 from data_pipeline.audio import MIN_SAMPLE_RATE, SAMPLE_RATE, AudioError, header
+from data_pipeline.remote import Remote, is_url
+from data_pipeline.storage import read_all
 
 INDEX_FILE = "index.json"
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "opus")  # what soundfile (libsndfile) decodes
@@ -69,10 +72,11 @@ def parse_label(raw: bytes, text_key: str = "text", ext: str = "json") -> dict:
     return meta
 
 
-def scan_shard(path: Path, name: str | None = None, text_key: str = "text") -> dict:
-    """Index one tar shard (see the module docstring) under ``name`` (default: the file name);
-    never raises on damaged content."""
-    data = path.read_bytes()
+def scan_shard(path: Path, name: str | None = None, text_key: str = "text",
+               data: bytes | None = None) -> dict:  # fmt: skip
+    """Index one tar shard (see the module docstring) under ``name`` (default: the file name),
+    from ``data`` when given (a downloaded shard); never raises on damaged content."""
+    data = path.read_bytes() if data is None else data
     members: dict[str, dict[str, tuple[int, int]]] = {}
     try:
         # ignore_zeros steps over a damaged header to the next valid one instead of stopping.
@@ -135,16 +139,22 @@ def write_index(directory: Path, shards: list[dict], text_key: str = "text",
     return path
 
 
-def scan_shards(directory: Path, shards: list[Path], text_key: str = "text",
-                progress: bool = False) -> list[dict]:  # fmt: skip
-    """:func:`scan_shard` of ``shards`` (named relative to ``directory``); writes nothing."""
+def scan_shards(directory: Path | str, shards: list[Path] | list[str], text_key: str = "text",
+                progress: bool = False, remote: Remote | None = None) -> list[dict]:  # fmt: skip
+    """:func:`scan_shard` of ``shards`` (named relative to ``directory``; URLs are downloaded
+    once each); writes nothing."""
     from data_pipeline.progress import progress_bar
 
-    names = [os.path.relpath(p, directory) for p in shards]
-    bar = progress_bar(len(shards), f"index {directory.name or directory}", "shard", progress)
+    if is_url(directory):
+        names = [urls.relative(u, directory) for u in shards]
+        title = urls.redact(directory)
+    else:
+        names = [os.path.relpath(p, directory) for p in shards]
+        title = directory.name or directory
+    bar = progress_bar(len(shards), f"index {title}", "shard", progress)
     out = []
     for p, name in zip(shards, names):
-        out.append(scan_shard(p, name, text_key))
+        out.append(scan_shard(Path(name), name, text_key, read_all(p, remote)))
         bar.update(1)
     bar.close()
     return out
@@ -165,12 +175,18 @@ def index_directory(directory: Path, progress: bool = False, text_key: str = "te
 
 @dataclasses.dataclass
 class ShardSet:
-    """The shards of one directory, from its index."""
+    """The shards of one directory (or folder URL), from its index."""
 
-    directory: Path
+    directory: Path | str
     shards: list[dict]
     text_key: str = "text"
     """Where the transcript is in the shards' JSON labels."""
+    remote: Remote | None = None
+    """How the shards are reached when ``directory`` is a URL."""
+
+    def path(self, name: str) -> Path | str:
+        """The path or URL of the shard ``name`` of the index."""
+        return urls.join(self.directory, name) if is_url(self.directory) else self.directory / name
 
     @property
     def num_samples(self) -> int:
@@ -181,16 +197,26 @@ class ShardSet:
         return sum(s["duration"] for s in self.shards)
 
 
-def load_index(directory: str | Path, path: Path | None = None) -> ShardSet:
-    """The shards of ``DIR/index.json`` (or of the index at ``path``, for shards in ``DIR``)."""
-    directory = Path(directory)
+def load_index(
+    directory: str | Path, path: Path | str | None = None, remote: Remote | None = None
+) -> ShardSet:
+    """The shards of ``DIR/index.json`` (or of the index at ``path``, for shards in ``DIR``);
+    ``directory`` and ``path`` may be URLs."""
+    if is_url(path or directory):
+        where = path or urls.join(str(directory), INDEX_FILE)
+        index = json.loads(read_all(where, remote))
+        return _shard_set(index, where, directory, remote)
+    directory = directory if is_url(directory) else Path(directory)
     path = path or directory / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist; write shards with `omni-ds make-shards`, or index existing "
             f"ones with `omni-ds make-shards --index-only {directory}`"
         )
-    index = json.loads(path.read_text())
+    return _shard_set(json.loads(path.read_text()), path, directory, remote)
+
+
+def _shard_set(index: dict, where, directory, remote: Remote | None) -> ShardSet:
     if index.get("version") != 1:
-        raise ValueError(f"{path}: unknown index version {index.get('version')!r}")
-    return ShardSet(directory, index["shards"], index.get("text_key", "text"))
+        raise ValueError(f"{where}: unknown index version {index.get('version')!r}")
+    return ShardSet(directory, index["shards"], index.get("text_key", "text"), remote)

@@ -80,7 +80,9 @@ class SpeechLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
-        sets = [open_shards(spec, cfg.text_key, progress=rank == 0) for spec in cfg.train]
+        remote = cfg.remote()
+        sets = [open_shards(spec, cfg.text_key, progress=rank == 0, remote=remote)
+                for spec in cfg.train]  # fmt: skip
         self.catalog = Catalog.from_sets(sets)
         self.kept, self._plan_skips = apply_filters(self.catalog, cfg)
         if not len(self.kept):
@@ -92,6 +94,7 @@ class SpeechLoader:
         self._skipped: Counter = Counter()
         self._shard_errors: Counter = Counter()
         self._read = 0
+        self._retries = 0
 
     def __len__(self) -> int:
         """Batches this rank still yields in the current epoch."""
@@ -143,6 +146,7 @@ class SpeechLoader:
         self._skipped.update(batch.pop("_skipped"))
         self._shard_errors.update(batch.pop("_shard_errors"))
         self._read += batch.pop("_read")
+        self._retries += batch.pop("_retries")
         errors = sum(self._skipped[r] for r in ERROR_REASONS)
         if (
             self._read >= self.cfg.error_rate_min_samples
@@ -166,6 +170,10 @@ class SpeechLoader:
         """Samples skipped on this rank so far, per reason (cumulative over epochs)."""
         return dict(self._skipped)
 
+    def retries(self) -> int:
+        """Transient storage failures retried on this rank so far (``data_pipeline.remote``)."""
+        return self._retries
+
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
@@ -178,6 +186,7 @@ class SpeechLoader:
                 "skipped": dict(self._skipped),
                 "shard_errors": dict(self._shard_errors),
                 "read": self._read,
+                "retries": self._retries,
             },
         }
 
@@ -205,3 +214,4 @@ class SpeechLoader:
         self._skipped = Counter(tallies["skipped"])
         self._shard_errors = Counter(tallies["shard_errors"])
         self._read = tallies["read"]
+        self._retries = tallies.get("retries", 0)  # states saved before URL sources existed

@@ -44,6 +44,7 @@ from data_pipeline.audio import AudioError, file_seconds, read_float, reject_sil
 from data_pipeline.manifests import Record, input_format, read_input
 from data_pipeline.plan import Catalog, pack, share_of_rank
 from data_pipeline.reader import BatchReader, DataError, PlannedBatches, SampleReader
+from data_pipeline.remote import Remote, is_url
 from data_pipeline.sources import is_shard_source, open_shards
 from data_pipeline.workers import worker_batches
 
@@ -84,11 +85,16 @@ class Source:
 
 
 def open_source(
-    path: str | Path, tokenizer=None, text_key: str = "text", progress: bool = True
+    path: str | Path,
+    tokenizer=None,
+    text_key: str = "text",
+    progress: bool = True,
+    remote: Remote | None = None,
 ) -> Source:
-    """The set at ``path`` (see the module docstring), in file order."""
-    if input_format(path) is None and is_shard_source(path):
-        shard_set = open_shards(path, text_key, beside=False, progress=progress)
+    """The set at ``path`` (see the module docstring), in file order; URLs reached as ``remote``
+    says."""
+    if is_url(path) or (input_format(path) is None and is_shard_source(path)):
+        shard_set = open_shards(path, text_key, beside=False, progress=progress, remote=remote)
         catalog = Catalog.from_sets([shard_set])
         bad = [(catalog.shard_paths[sid], key, reason, "marked unusable by the shard scan")
                for sid, key, reason in catalog.bad]  # fmt: skip
@@ -132,10 +138,11 @@ class OrderedReader:
         num_workers: int = 0,
         prefetch_factor: int = 2,
         text_key: str = "text",
+        remote: Remote | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        source = open_source(path, tokenizer, text_key, progress=rank == 0)
+        source = open_source(path, tokenizer, text_key, progress=rank == 0, remote=remote)
         if strict and source.bad:
             where, key, reason, message = source.bad[0]
             raise DataError(
@@ -163,7 +170,7 @@ class OrderedReader:
         with worker_batches(dataset, **self._workers) as batches:
             for batch in batches:
                 self._skipped.update(batch.pop("_skipped"))
-                del batch["_shard_errors"], batch["_read"]
+                del batch["_shard_errors"], batch["_read"], batch["_retries"]
                 yield batch
 
     def skipped(self) -> dict[str, int]:

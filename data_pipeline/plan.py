@@ -67,15 +67,18 @@ class Catalog:
     """bool [N]: the label is a ``.txt`` member (else JSON)."""
     text_keys: list[str]
     """Per shard: the JSON key of the transcript."""
+    remotes: list
+    """Per shard: how its URL is reached (``data_pipeline.remote.Remote``), None for a file."""
 
     @classmethod
     def from_sets(cls, sets: list[ShardSet]) -> Catalog:
-        paths, shard_of, rows, bad, text_keys = [], [], [], [], []
+        paths, shard_of, rows, bad, text_keys, remotes = [], [], [], [], [], []
         for shard_set in sets:
             for shard in shard_set.shards:
                 sid = len(paths)
-                paths.append(str(shard_set.directory / shard["name"]))
+                paths.append(str(shard_set.path(shard["name"])))
                 text_keys.append(shard_set.text_key)
+                remotes.append(shard_set.remote)
                 rows.extend(shard["samples"])
                 shard_of.extend([sid] * len(shard["samples"]))
                 bad.extend((sid, key, reason) for key, reason in shard["bad"])
@@ -97,6 +100,7 @@ class Catalog:
             bad=bad,
             label_txt=np.array([len(r) > LABEL_EXT and r[LABEL_EXT] == "txt" for r in rows], bool),
             text_keys=text_keys,
+            remotes=remotes,
         )
 
     def __len__(self) -> int:

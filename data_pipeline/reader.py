@@ -7,7 +7,7 @@ its shard and key:
 
 | reason | what was wrong |
 | --- | --- |
-| ``missing_shard`` | the shard file named by the index is gone |
+| ``missing_shard`` | the shard file named by the index is gone (or its URL unreachable: no such object, access denied, transient failures past the retries) |
 | ``corrupt_member`` | a member is cut short (truncated tar) or unpaired |
 | ``bad_label`` / ``empty_text`` | the JSON label is not UTF-8 JSON with a ``text`` / the text is empty |
 | ``corrupt_audio`` | the FLAC/WAV does not decode (truncated, garbage) |
@@ -37,6 +37,8 @@ import torch
 from data_pipeline.audio import SAMPLE_RATE, AudioError, decode_bytes
 from data_pipeline.index import parse_label
 from data_pipeline.plan import Catalog
+from data_pipeline.remote import retry_count
+from data_pipeline.storage import open_shard
 
 ERROR_REASONS = (
     "missing_shard",
@@ -58,6 +60,8 @@ UNK_REASON = "unk_target"
 
 FILLER_KEY = "<filler>"
 MAX_OPEN_SHARDS = 64
+ADJACENT_GAP = 4096
+"""Bytes between a sample's members (tar headers, padding) still read in one go."""
 
 
 class DataError(RuntimeError):
@@ -112,6 +116,9 @@ class SampleReader(abc.ABC):
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
         """(float32 16 kHz audio, text, token ids) of sample ``i``; raises AudioError(reason)."""
 
+    def prefetch(self, ids: list[int]) -> None:  # noqa: B027 (an optional hook)
+        """Fetch what ``ids`` need ahead of :meth:`read_sample` (a subclass may, in one go)."""
+
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
             return []
@@ -123,8 +130,11 @@ class SampleReader(abc.ABC):
         return tokens
 
     def read_batch(self, ids: list[int], bucket: int = -1, strict: bool = False) -> dict:
-        """The batch dict of the loader contract plus ``_skipped``/``_shard_errors``/``_read``
-        (per-reason and per-shard counts, samples attempted), which the loaders strip."""
+        """The batch dict of the loader contract plus ``_skipped``/``_shard_errors``/``_read``/
+        ``_retries`` (per-reason and per-shard counts, samples attempted, transient storage
+        failures retried), which the loaders strip."""
+        retries = retry_count()
+        self.prefetch(ids)
         audios, texts, tokens, keys = [], [], [], []
         skipped: Counter = Counter()
         shard_errors: Counter = Counter()
@@ -154,17 +164,20 @@ class SampleReader(abc.ABC):
             "_skipped": dict(skipped),
             "_shard_errors": dict(shard_errors),
             "_read": len(ids),
+            "_retries": retry_count() - retries,
         }
 
 
 class BatchReader(SampleReader):
-    """Samples of a :class:`Catalog`, read by byte offset; keeps open shard files per process."""
+    """Samples of a :class:`Catalog`, read by byte offset (``data_pipeline.storage``: a file or
+    a URL); keeps open shard files per process."""
 
     def __init__(self, catalog: Catalog, tokenizer=None):
         super().__init__(tokenizer)
         self.catalog = catalog
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+        self._fetched: dict[tuple[int, int, int], bytes | FileNotFoundError] = {}
 
     def key(self, i: int) -> str:
         return self.catalog.keys[i]
@@ -179,39 +192,67 @@ class BatchReader(SampleReader):
         if f is None:
             if len(self._files) >= MAX_OPEN_SHARDS:  # batches mix shards: keep the recent ones
                 self._files.pop(next(iter(self._files))).close()
-            f = open(self.catalog.shard_paths[sid], "rb")
+            f = open_shard(self.catalog.shard_paths[sid], self.catalog.remotes[sid])
         self._files[sid] = f  # (re)inserted last: the dict's order is least recently used first
         return f
 
-    def _member(self, f, offset: int, size: int) -> bytes:
-        f.seek(offset)
-        data = f.read(size)
+    def _span(self, i: int) -> tuple[int, int] | None:
+        """[start, end) of sample ``i``'s members when one read takes both."""
+        audio_off, audio_size, json_off, json_size = self.catalog.members[i].tolist()
+        start = min(audio_off, json_off)
+        end = max(audio_off + audio_size, json_off + json_size)
+        return (start, end) if end - start <= audio_size + json_size + ADJACENT_GAP else None
+
+    def prefetch(self, ids: list[int]) -> None:
+        """The spans of the samples of ``ids`` in URL shards, by concurrent range requests."""
+        self._fetched = {}
+        wanted = [(i, self._span(i)) for i in ids]
+        wanted = [(i, s) for i, s in wanted
+                  if s and self.catalog.remotes[self.catalog.shard_of[i]] is not None]  # fmt: skip
+        if not wanted:
+            return
+        remote = self.catalog.remotes[self.catalog.shard_of[wanted[0][0]]]
+        urls = [self.catalog.shard_paths[self.catalog.shard_of[i]] for i, _ in wanted]
+        got = remote.cat_ranges(urls, [s[0] for _, s in wanted], [s[1] for _, s in wanted])
+        self._fetched = {(i, s[0], s[1] - s[0]): data for (i, s), data in zip(wanted, got)}
+
+    def _read(self, i: int, offset: int, size: int) -> bytes:
+        try:
+            data = self._fetched.pop((i, offset, size), None)
+            if isinstance(data, FileNotFoundError):
+                raise data
+            if data is None:
+                data = self._file(int(self.catalog.shard_of[i])).read(offset, size)
+            elif len(data) > size:
+                raise OSError(f"{self.source(i)}: the server does not honour HTTP Range")
+        except FileNotFoundError as e:
+            raise AudioError("missing_shard", str(e)) from e
         if len(data) != size:
             raise AudioError("corrupt_member", f"member cut short ({len(data)} of {size} bytes)")
         return data
 
-    def _label(self, i: int):
-        """(open shard file, parsed label) of sample ``i``."""
-        sid = int(self.catalog.shard_of[i])
-        _, _, json_off, json_size = self.catalog.members[i].tolist()
-        try:
-            f = self._file(sid)
-        except FileNotFoundError as e:
-            raise AudioError("missing_shard", str(e)) from e
+    def _parse(self, i: int, raw: bytes) -> dict:
         ext = "txt" if self.catalog.label_txt[i] else "json"
-        return f, parse_label(
-            self._member(f, json_off, json_size), self.catalog.text_keys[sid], ext
-        )
+        return parse_label(raw, self.catalog.text_keys[self.catalog.shard_of[i]], ext)
 
     def transcript(self, i: int) -> str:
-        return self._label(i)[1]["text"]
+        _, _, json_off, json_size = self.catalog.members[i].tolist()
+        return self._parse(i, self._read(i, json_off, json_size))["text"]
 
     def read_sample(self, i: int) -> tuple[np.ndarray, str, list[int]]:
-        f, meta = self._label(i)
-        audio_off, audio_size = self.catalog.members[i, :2].tolist()
-        audio = decode_bytes(
-            self._member(f, audio_off, audio_size), meta.get("sample_rate"), meta.get("channel")
-        )
+        audio_off, audio_size, json_off, json_size = self.catalog.members[i].tolist()
+        # A sample's members are neighbours in the tar: one read (one range request) takes both.
+        span = self._span(i)
+        if span:
+            start, end = span
+            span = self._read(i, start, end - start)
+            raw_label = span[json_off - start : json_off - start + json_size]
+            raw_audio = span[audio_off - start : audio_off - start + audio_size]
+        else:
+            raw_label = self._read(i, json_off, json_size)
+            raw_audio = self._read(i, audio_off, audio_size)
+        meta = self._parse(i, raw_label)
+        audio = decode_bytes(raw_audio, meta.get("sample_rate"), meta.get("channel"))
         return audio, meta["text"], self.tokenize(meta["text"])
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ Every command that takes shards (``data.train``, ``data.dev``, ``train-tokenizer
 | tar file | ``shards/train/shard-000003.tar`` | that shard |
 | brace pattern | ``shards/shard-{000000..000003}.tar`` | each expansion (bash / ``braceexpand`` rules), in order |
 | glob | ``corpus/*/shard-*.tar`` | every match, in name order |
+| URL of any form above | ``s3://bucket/train/shard-{000000..000099}.tar``, ``https://host/train/`` | the same, over ``data_pipeline.remote`` |
 
 Samples are WebDataset members sharing a key: audio (``flac``, ``wav``, ``mp3``, ``ogg``,
 ``opus``) plus ``<key>.json`` (transcript under ``text_key``, default ``text``) or ``<key>.txt``.
@@ -21,8 +22,10 @@ user's folders), ``index-<key>.json`` in the cache directory (``$OMNI_DS_CACHE``
 modification times and the text key, so a changed shard is re-indexed. Ranks that open the same
 source at once build it once (a file lock); the others read what it wrote.
 
-Local paths only: :func:`_local_path` is the one place a SPEC becomes a path, which is where a
-URL scheme would plug in.
+A URL (``s3://``, ``https://``, ``http://``; ``data_pipeline.remote``) names the same forms; a
+folder URL whose ``index.json`` exists is read from that index alone (an HTTP server need not list
+folders), and an index that is missing is built by downloading each shard once, into the cache
+(nothing is written to the store), keyed by the shards' URLs, sizes and ETags.
 """
 
 from __future__ import annotations
@@ -33,27 +36,18 @@ import glob
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
+from data_pipeline import remote as urls
 from data_pipeline.index import INDEX_FILE, ShardSet, load_index, scan_shards, write_index
+from data_pipeline.remote import Remote, is_url
 
 
 class SourceError(FileNotFoundError):
     """A source that names no shards; the message names the source and the fix."""
 
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
 def _local_path(spec: str) -> Path:
-    url = _URL.match(spec)
-    if url:
-        scheme = url.group(1)
-        raise SourceError(
-            f"{spec}: {scheme}:// sources are not supported; copy or mount the shards locally "
-            "and name the local path"
-        )
     return Path(spec).expanduser()
 
 
@@ -67,11 +61,50 @@ def is_pattern(spec: str | Path) -> bool:
     return any(c in str(spec) for c in "*?[{")
 
 
-def expand(spec: str | Path) -> list[Path]:
-    """The tar shards ``spec`` names (module docstring), in order; raises :class:`SourceError`
-    naming what was looked for when there are none."""
+def _is_object(url: str, remote: Remote) -> bool:
+    try:
+        return remote.call(url, "info", url)["type"] == "file"
+    except FileNotFoundError:
+        return False
+
+
+def _expand_url(spec: str, remote: Remote) -> list[str]:
+    fs = remote.filesystem(spec)
+    if "{" in spec:
+        found = _brace(spec)
+        missing = [u for u in found if not _is_object(u, remote)]
+        if missing:
+            raise SourceError(
+                f"{urls.redact(spec)}: {len(missing)} of the {len(found)} shards it expands to "
+                f"do not exist (first: {urls.redact(missing[0])}); check the pattern's range"
+            )
+        return found
+    if is_pattern(spec):
+        found = sorted(fs.unstrip_protocol(u) for u in remote.call(spec, "glob", spec))
+    elif spec.endswith(".tar"):
+        found = [spec] if _is_object(spec, remote) else []
+    else:
+        try:
+            found = sorted(
+                fs.unstrip_protocol(u) for u in remote.call(spec, "ls", spec, detail=False)
+            )
+        except FileNotFoundError:
+            found = []
+    found = [u for u in found if u.endswith(".tar")]
+    if not found:
+        raise SourceError(
+            f"{urls.redact(spec)}: names no .tar shard; name a folder URL (its index.json, or "
+            "its *.tar where the store lists folders), a .tar URL, a brace pattern or a glob"
+        )
+    return found
+
+
+def expand(spec: str | Path, remote: Remote | None = None) -> list[Path] | list[str]:
+    """The tar shards ``spec`` names (module docstring), in order, as paths or URLs; raises
+    :class:`SourceError` naming what was looked for when there are none."""
     spec = str(spec)
-    _local_path(spec)  # a URL is refused before it is expanded
+    if is_url(spec):
+        return _expand_url(spec, remote or Remote())
     if "{" in spec:
         paths = [_local_path(s) for s in _brace(spec)]
         missing = [p for p in paths if not p.is_file()]
@@ -103,10 +136,12 @@ def expand(spec: str | Path) -> list[Path]:
     )
 
 
-def is_shard_source(spec: str | Path) -> bool:
+def is_shard_source(spec: str | Path, remote: Remote | None = None) -> bool:
     """Whether ``spec`` names shards (rather than a corpus such as a manifest); no scanning."""
+    if is_url(spec) and _own_index(str(spec), remote or Remote()):
+        return True
     try:
-        expand(spec)
+        expand(spec, remote)
     except SourceError:
         return False
     return True
@@ -119,9 +154,16 @@ def cache_dir() -> Path:
     return Path(base) / "omni-ds"
 
 
-def _cache_key(paths: list[Path], text_key: str) -> str:
+def _cache_key(paths: list[Path] | list[str], text_key: str, remote: Remote) -> str:
     stats = []
     for p in paths:
+        if is_url(p):
+            info = remote.call(p, "info", p)
+            version = next(
+                (info[k] for k in ("ETag", "LastModified", "Last-Modified") if k in info), None
+            )
+            stats.append([p, info.get("size"), str(version)])
+            continue
         st = p.stat()
         stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps([1, text_key, stats]).encode()).hexdigest()[:24]
@@ -135,35 +177,56 @@ def _locked(path: Path):
         yield
 
 
-def index_location(spec: str | Path, text_key: str = "text", beside: bool = True) -> Path:
+def _own_index(spec: str, remote: Remote) -> str | None:
+    """The ``index.json`` URL of a folder URL ``spec``, where it exists."""
+    if is_pattern(spec) or spec.endswith(".tar"):
+        return None
+    index = urls.join(spec, INDEX_FILE)
+    return index if _is_object(index, remote) else None
+
+
+def index_location(
+    spec: str | Path, text_key: str = "text", beside: bool = True, remote: Remote | None = None
+) -> Path | str:
     """Where the index of ``spec`` is, or would be built (module docstring)."""
-    paths = expand(spec)
+    remote = remote or Remote()
+    if is_url(spec) and _own_index(str(spec), remote):
+        return _own_index(str(spec), remote)
+    paths = expand(spec, remote)
+    if is_url(spec):
+        return cache_dir() / f"index-{_cache_key(paths, text_key, remote)}.json"
     own = _local_path(str(spec))
     if not is_pattern(spec) and own.is_dir():
         if (own / INDEX_FILE).is_file() and load_index(own).text_key == text_key:
             return own / INDEX_FILE
         if beside and text_key == "text" and os.access(own, os.W_OK):
             return own / INDEX_FILE
-    return cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
+    return cache_dir() / f"index-{_cache_key(paths, text_key, remote)}.json"
 
 
-def _base_dir(paths: list[Path]) -> Path:
+def _base_dir(paths: list[Path] | list[str]) -> Path | str:
+    if is_url(paths[0]):
+        return urls.common_base(paths)
     if len(paths) == 1:
         return paths[0].parent
     return Path(os.path.commonpath([str(p.absolute()) for p in paths]))
 
 
-def _valid(where: Path, directory: Path, paths: list[Path], text_key: str) -> ShardSet | None:
+def _valid(
+    where: Path, directory: Path | str, paths: list, text_key: str, remote: Remote | None = None
+) -> ShardSet | None:
     """The index at ``where`` if it indexes ``paths`` with ``text_key``, else None. An index
     lists the shards it was built from: one that lacks a shard now present is rebuilt (shards
     added later); shards gone since are read as missing (``missing_shard``)."""
     if not where.is_file():
         return None
-    shard_set = load_index(directory, where)
+    shard_set = load_index(directory, where, remote)
     names = {s["name"] for s in shard_set.shards}
-    if shard_set.text_key != text_key or any(
-        os.path.relpath(p, directory) not in names for p in paths
-    ):
+    if is_url(directory):
+        wanted = [urls.relative(u, directory) for u in paths]
+    else:
+        wanted = [os.path.relpath(p, directory) for p in paths]
+    if shard_set.text_key != text_key or any(n not in names for n in wanted):
         return None
     return shard_set
 
@@ -175,25 +238,39 @@ def open_shards(
     beside: bool = True,
     progress: bool = True,
     rebuild: bool = False,
+    remote: Remote | None = None,
 ) -> ShardSet:
     """The indexed shards of ``spec``, building the index where it is missing (module docstring),
-    or in any case with ``rebuild`` (``make-shards --index-only``: shards rewritten in place)."""
-    own = _local_path(str(spec))
-    if not rebuild and not is_pattern(spec) and (own / INDEX_FILE).is_file():
-        paths = sorted(own.glob("*.tar"))  # may be none: make-shards of an empty input
-        shard_set = _valid(own / INDEX_FILE, own, paths, text_key)
-        if shard_set is not None:
-            return shard_set
-    paths = expand(spec)
+    or in any case with ``rebuild`` (``make-shards --index-only``: shards rewritten in place);
+    ``remote`` says how URLs are reached (default: the storage clients' own settings)."""
+    remote = remote or Remote()
+    if is_url(spec):
+        own_index = None if rebuild else _own_index(str(spec), remote)
+        if own_index:
+            shard_set = load_index(str(spec).rstrip("/"), own_index, remote)
+            if shard_set.text_key == text_key:
+                return shard_set
+        own = None
+    else:
+        own = _local_path(str(spec))
+        if not rebuild and not is_pattern(spec) and (own / INDEX_FILE).is_file():
+            paths = sorted(own.glob("*.tar"))  # may be none: make-shards of an empty input
+            shard_set = _valid(own / INDEX_FILE, own, paths, text_key)
+            if shard_set is not None:
+                return shard_set
+    paths = expand(spec, remote)
     directory = _base_dir(paths)
-    where = index_location(spec, text_key, beside)
-    if where.name == INDEX_FILE and where.is_file() and not (beside and os.access(own, os.W_OK)):
-        # A stale index.json that may not be rewritten here: build a fresh one in the cache.
-        where = cache_dir() / f"index-{_cache_key(paths, text_key)}.json"
+    where = index_location(spec, text_key, beside, remote)
+    if is_url(where) or (
+        where.name == INDEX_FILE and where.is_file() and not (beside and os.access(own, os.W_OK))
+    ):
+        # An index on the store, or a stale index.json that may not be rewritten here: build a
+        # fresh one in the cache.
+        where = cache_dir() / f"index-{_cache_key(paths, text_key, remote)}.json"
     with _locked(where):
-        shard_set = None if rebuild else _valid(where, directory, paths, text_key)
+        shard_set = None if rebuild else _valid(where, directory, paths, text_key, remote)
         if shard_set is None:
-            shards = scan_shards(directory, paths, text_key, progress)
+            shards = scan_shards(directory, paths, text_key, progress, remote)
             write_index(directory, shards, text_key, path=where)
-            shard_set = load_index(directory, where)
+            shard_set = load_index(directory, where, remote)
         return shard_set

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from data_pipeline.audio import AudioError
 from data_pipeline.index import JSON_OFF, JSON_SIZE, LABEL_EXT, parse_label
+from data_pipeline.remote import Remote
 from data_pipeline.sources import open_shards
+from data_pipeline.storage import open_shard
 from data_pipeline.text import normalize
 
 
@@ -57,19 +59,24 @@ class Tokenizer:
         self.__init__(state["model_path"])
 
 
-def shard_texts(source: str | Path, text_key: str = "text") -> Iterator[str]:
-    """Every usable transcript of a shard source (``data_pipeline.sources``), in index order
-    (labels only, no audio)."""
-    shard_set = open_shards(source, text_key)
+def shard_texts(
+    source: str | Path, text_key: str = "text", remote: Remote | None = None
+) -> Iterator[str]:
+    """Every usable transcript of a shard source (``data_pipeline.sources``, URLs reached as
+    ``remote`` says), in index order (labels only, no audio)."""
+    shard_set = open_shards(source, text_key, remote=remote)
     for shard in shard_set.shards:
-        with open(shard_set.directory / shard["name"], "rb") as f:
+        f = open_shard(shard_set.path(shard["name"]), shard_set.remote)
+        try:
             for row in shard["samples"]:
-                f.seek(row[JSON_OFF])
                 ext = row[LABEL_EXT] if len(row) > LABEL_EXT else "json"
+                raw = f.read(row[JSON_OFF], row[JSON_SIZE])
                 try:
-                    yield parse_label(f.read(row[JSON_SIZE]), shard_set.text_key, ext)["text"]
+                    yield parse_label(raw, shard_set.text_key, ext)["text"]
                 except AudioError:
                     continue
+        finally:
+            f.close()
 
 
 def train_tokenizer(
@@ -79,6 +86,7 @@ def train_tokenizer(
     model_type: str = "unigram",
     character_coverage: float = 1.0,
     text_key: str = "text",
+    remote: Remote | None = None,
 ) -> Path:
     """Train on the normalised transcripts of the shard sources ``shard_dirs``; writes
     ``PREFIX.model`` and ``PREFIX.vocab``.
@@ -87,7 +95,7 @@ def train_tokenizer(
     """
     import sentencepiece as spm
 
-    texts = [normalize(t) for d in shard_dirs for t in shard_texts(d, text_key)]
+    texts = [normalize(t) for d in shard_dirs for t in shard_texts(d, text_key, remote)]
     if not texts:
         raise ValueError(f"no transcripts in {', '.join(map(str, shard_dirs))}")
     prefix.parent.mkdir(parents=True, exist_ok=True)

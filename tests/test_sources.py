@@ -88,8 +88,6 @@ def test_brace_glob_tar_and_directory_name_the_same_shards(tmp_path):
     assert open_shards(d).num_samples == 11
     with pytest.raises(SourceError, match="no .tar file matches"):
         expand(f"{d}/nope-*.tar")
-    with pytest.raises(SourceError, match=r"s3:// sources are not supported"):
-        expand("s3://bucket/shard-{000000..000003}.tar")
     with pytest.raises(SourceError, match="does not exist; name a shard directory"):
         expand(tmp_path / "missing")
 

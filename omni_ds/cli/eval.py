@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: 0)"
     )
+    parser.add_argument(
+        "--endpoint-url",
+        default="",
+        help="endpoint of the S3-compatible store of s3:// sources (default: AWS, or the "
+        "environment's / AWS config's); credentials come from the environment or ~/.aws",
+    )
 
 
 def parse_test_sets(items: list[tuple[str, str]]) -> dict[str, str]:
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline.ordered import OrderedReader
+    from data_pipeline.remote import Remote
     from omni_ds.ckpt.model_dir import load_model_dir
     from omni_ds.eval.inference import Transcriber, transcribe_batches
     from omni_ds.eval.normalize import get_normalizer
@@ -98,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--bootstrap {args.bootstrap}: use 0 (no intervals) or e.g. 1000")
     normalize = get_normalizer(args.normalizer)
     # Opened once, before any model loads: a set that cannot be read fails at once.
-    readers = {name: OrderedReader(path, batch_seconds=args.batch_seconds)
+    remote = Remote(endpoint_url=args.endpoint_url)
+    readers = {name: OrderedReader(path, batch_seconds=args.batch_seconds, remote=remote)
                for name, path in sets.items()}  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)

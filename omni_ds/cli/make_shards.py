@@ -17,6 +17,7 @@ to finish writes the index: the output is byte-identical to the one-machine comm
     omni-ds make-shards nemo_tarred/ --out shards/nemo       # audio_N.tar + tarred manifest
     omni-ds make-shards cuts.jsonl.gz --out shards/lhotse --channel 0
     omni-ds make-shards 'shards/foreign/shard-{000000..000003}.tar' --index-only
+    omni-ds make-shards 's3://bucket/wds/shard-{000000..000099}.tar' --index-only  # into the cache
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="text",
         help="with --index-only: JSON key of the transcript in <key>.json labels (default text)",
     )
+    parser.add_argument(
+        "--endpoint-url",
+        default="",
+        help="endpoint of the S3-compatible store of s3:// sources (default: AWS, or the "
+        "environment's / AWS config's); credentials come from the environment or ~/.aws",
+    )
 
 
 def _channel(text: str | None):
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if args.index_only:
-        return _index_only(args.input, args.text_key)
+        return _index_only(args.input, args.text_key, args.endpoint_url)
     if not args.out:
         raise SystemExit("--out DIR is required (unless --index-only)")
     if not 0 <= args.task < args.tasks:
@@ -152,18 +159,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index_only(spec: str, text_key: str) -> int:
+def _index_only(spec: str, text_key: str, endpoint_url: str = "") -> int:
     """Index existing shards; exit 1 when they hold no usable sample."""
     from collections import Counter
 
+    from data_pipeline.remote import Remote
     from data_pipeline.sources import SourceError, index_location, open_shards
 
+    remote = Remote(endpoint_url=endpoint_url)
     try:
-        shards = open_shards(spec, text_key, rebuild=True)
+        shards = open_shards(spec, text_key, rebuild=True, remote=remote)
     except SourceError as e:
         raise SystemExit(str(e)) from None
     bad = Counter(reason for s in shards.shards for _, reason in s["bad"])
-    print(f"{index_location(spec, text_key)}: {len(shards.shards)} shards, "
+    print(f"{index_location(spec, text_key, remote=remote)}: {len(shards.shards)} shards, "
           f"{shards.num_samples} samples ({shards.duration / 3600:.2f} h), "
           f"{sum(bad.values())} unusable {dict(bad) or ''}")  # fmt: skip
     if shards.num_samples == 0:

@@ -35,6 +35,7 @@ def add_test_set_argument(
         action="append" if repeatable else "store",
         required=required,
         metavar="NAME=PATH",
-        help="a test set: its name in the reports, and a shard dir, .tar shard, JSONL manifest, "
-        "Kaldi dir or LibriSpeech tree" + (" (repeatable)" if repeatable else ""),
+        help="a test set: its name in the reports, and a shard dir, .tar shard, brace pattern, "
+        "glob (or these as s3:// / https:// URLs), JSONL manifest, Kaldi dir or LibriSpeech tree"
+        + (" (repeatable)" if repeatable else ""),
     )

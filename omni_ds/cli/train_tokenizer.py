@@ -4,7 +4,7 @@
     omni-ds train-tokenizer 'wds/shard-{000000..000003}.tar' --vocab 256 --out wds/tokenizer
 
 SHARDS are shard sources as ``data.train`` takes them (directories, .tar files, brace patterns,
-globs; indexed where needed). Transcripts are normalised first (``data_pipeline.text``: NFKC,
+globs, or these as ``s3://``/``https://`` URLs; indexed where needed). Transcripts are normalised first (``data_pipeline.text``: NFKC,
 lower case, single spaces), as the tokenizer normalises whatever it encodes.
 
 ``--vocab`` is an upper bound (a small corpus may support fewer pieces); set the model's
@@ -34,22 +34,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="unigram",
         help="SentencePiece algorithm (default: unigram)",
     )
+    parser.add_argument(
+        "--endpoint-url",
+        default="",
+        help="endpoint of the S3-compatible store of s3:// sources (default: AWS, or the "
+        "environment's / AWS config's); credentials come from the environment or ~/.aws",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from data_pipeline.remote import Remote, is_url
     from data_pipeline.sources import SourceError
     from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
+    if is_url(args.shards[0]) and not args.out:
+        raise SystemExit("--out PREFIX is required when the first source is a URL")
     first = Path(args.shards[0])
     prefix = (
         Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "tokenizer"
     )
     try:
         path = train_tokenizer(
-            args.shards, prefix, args.vocab, args.model_type, text_key=args.text_key
-        )
+            args.shards, prefix, args.vocab, args.model_type, text_key=args.text_key,
+            remote=Remote(endpoint_url=args.endpoint_url),
+        )  # fmt: skip
     except (SourceError, ValueError) as e:
         raise SystemExit(str(e)) from None
     print(f"{path}: {Tokenizer(path).vocab_size} pieces")

@@ -83,7 +83,7 @@ def coverage_problem(
 
 def _train_source(key: str, spec: str, cfg: ExperimentConfig, tokenizer) -> list[str]:
     try:
-        shard_set = open_shards(spec, cfg.data.text_key)
+        shard_set = open_shards(spec, cfg.data.text_key, remote=cfg.data.remote())
     except SourceError as e:
         return [f"{key}: {e}"]
     catalog = Catalog.from_sets([shard_set])
@@ -102,7 +102,7 @@ def _train_source(key: str, spec: str, cfg: ExperimentConfig, tokenizer) -> list
 
 def _dev_source(key: str, spec: str, cfg: ExperimentConfig, tokenizer) -> list[str]:
     try:
-        source = open_source(spec, text_key=cfg.data.text_key)
+        source = open_source(spec, text_key=cfg.data.text_key, remote=cfg.data.remote())
     except (FileNotFoundError, ValueError) as e:
         return [f"{key}: {e}"]
     if not len(source.seconds):

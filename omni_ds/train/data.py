@@ -55,6 +55,7 @@ def make_dev_sets(
             num_workers=data.num_workers,
             prefetch_factor=data.prefetch_factor,
             text_key=data.text_key,
+            remote=data.remote(),
         )
         for name, path in data.dev.items()
     }

@@ -290,6 +290,7 @@ class Trainer:
             "flops": window.flops,
             "samples": self.counters.samples,
             "audio_seconds": self.counters.audio_seconds,
+            "data_retries": self.loader.retries(),
         })  # fmt: skip
         elapsed = time.perf_counter() - window.start
         norm = done.grad_norm if done.grad_norm is not None else self.engine.get_global_grad_norm()
@@ -305,6 +306,7 @@ class Trainer:
             "samples": totals["samples"],
             "audio_hours": totals["audio_seconds"] / 3600,
             "nonfinite_skipped": self.counters.nonfinite_skipped,
+            "data_retries": int(totals["data_retries"]),  # transient storage failures retried
             **{f"skipped/{k}": v for k, v in skipped.items()},
         }
 
