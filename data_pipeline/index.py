@@ -219,4 +219,5 @@ def load_index(
 def _shard_set(index: dict, where, directory, remote: Remote | None) -> ShardSet:
     if index.get("version") != 1:
         raise ValueError(f"{where}: unknown index version {index.get('version')!r}")
-    return ShardSet(directory, index["shards"], index.get("text_key", "text"), remote)
+    url_remote = (remote or Remote()) if is_url(directory) else None
+    return ShardSet(directory, index["shards"], index.get("text_key", "text"), url_remote)

@@ -10,7 +10,6 @@ both give the reference's samples at every step on every rank, and its losses.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -168,8 +167,8 @@ def test_training_from_a_flaky_http_server_retries_and_reads_every_sample(
 def test_training_from_s3_killed_and_resumed_continues_bitwise(corpus, s3, reference, tmp_path):
     run = tmp_path / "run"
     sets = ("data.train=[s3://bucket/train]", "data.dev={dev: s3://bucket/dev}",
-            f"data.endpoint_url={s3.endpoint_url}", "data.num_workers=1", *STEPS)  # fmt: skip
-    env = dict(os.environ, **AWS)
+            f"data.endpoint_url={s3.endpoint_url}", *STEPS)  # fmt: skip
+    env = AWS
     with start_command(train_argv(corpus, run, *sets), 2, env=env) as group:
         while latest_checkpoint(run / "checkpoints") is None:
             assert all(p.poll() is None for p in group.procs), "run ended before a checkpoint"
