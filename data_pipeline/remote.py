@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _RETRIED = [0]  # this process's transient failures retried, read by the batch readers
+IN_FLIGHT = 32
+"""Range requests of one batch in flight at once (per loader worker)."""
 
 
 def is_url(spec) -> bool:
@@ -131,7 +133,7 @@ class Remote:
         ``FileNotFoundError`` that ended its retries."""
         fs = self.filesystem(url_list[0])
         try:
-            out = fs.cat_ranges(url_list, starts, ends, on_error="return")
+            out = fs.cat_ranges(url_list, starts, ends, on_error="return", batch_size=IN_FLIGHT)
         except Exception as e:  # the batch as a whole failed: every range is retried alone
             out = [e] * len(url_list)
         for k, got in enumerate(out):

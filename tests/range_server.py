@@ -124,6 +124,7 @@ def main() -> None:
     Handler.faults = {"drop": args.drop_every, "fail": args.fail_every,
                       "delay": args.delay_every, "delay_seconds": args.delay}  # fmt: skip
     os.chdir(args.root)
+    http.server.ThreadingHTTPServer.request_queue_size = 128  # a batch's requests come at once
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.serve_forever()
