@@ -157,9 +157,10 @@ def test_training_from_a_flaky_http_server_retries_and_reads_every_sample(
     same_training(run, reference)
     faults = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("fault ")]
     assert set(faults) == {"drop", "fail", "delay"}
-    retries = read_metrics(run)[-1]["data_retries"]
-    # aiohttp itself retries a request whose reused connection dropped, once, uncounted.
-    assert 0 < retries <= len(faults)
+    # Every fault is retried; the count may differ from the faults injected: aiohttp itself
+    # retries a request whose reused connection dropped (once, uncounted), and on a loaded
+    # machine a slow answer can time out as well.
+    assert len(faults) >= 3 and read_metrics(run)[-1]["data_retries"] > 0
     assert "retry 1 of 6" in ranks[0].stderr + ranks[1].stderr
 
 
