@@ -144,3 +144,13 @@ def test_report_files_group_seeds_and_mark_significant_pairs(tmp_path):
     assert not pairs["omni", "switch", "wer"]["significant"]
     assert "| `omni` − `dense` |" in text and " *" in text and "± " in text
     assert (tmp_path / "eval.md").read_text() == text
+
+
+def test_hypotheses_files_read_back_as_written(tmp_path):
+    from omni_ds.eval.inference import Transcripts
+
+    t = Transcripts(keys=["a", "b"], refs=["Hello,  world!", "x\ty"], hyps=["hello world", ""])
+    t.write_tsv(tmp_path / "h.tsv")
+    back = Transcripts.read_tsv(tmp_path / "h.tsv")
+    assert back.keys == t.keys and back.hyps == t.hyps
+    assert back.refs == ["Hello,  world!", "x y"]  # only a tab inside a text becomes a space

@@ -140,6 +140,14 @@ def read_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def read_metadata(model_dir: str | Path) -> dict[str, str]:
+    """The metadata of ``model.safetensors`` alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir) / WEIGHTS), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def inference_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config with every expert in one process (``moe.ep_size = 1``)."""
     return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, ep_size=1))

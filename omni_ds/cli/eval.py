@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="endpoint of the S3-compatible store of s3:// sources (default: AWS, or the "
         "environment's / AWS config's); credentials come from the environment or ~/.aws",
     )
+    parser.add_argument(
+        "--reuse-hyps",
+        action="store_true",
+        help="score OUT/hyps/<model>/<set>.tsv where it holds every utterance of the set instead "
+        "of decoding again (e.g. after evaluating the models one by one in parallel)",
+    )
 
 
 def parse_test_sets(items: list[tuple[str, str]]) -> dict[str, str]:
@@ -94,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     from data_pipeline.ordered import OrderedReader
     from data_pipeline.remote import Remote
-    from omni_ds.ckpt.model_dir import load_model_dir
-    from omni_ds.eval.inference import Transcriber, transcribe_batches
+    from omni_ds.ckpt.model_dir import load_model_dir, read_metadata
+    from omni_ds.eval.inference import Transcriber, Transcripts, transcribe_batches
     from omni_ds.eval.normalize import get_normalizer
     from omni_ds.eval.report_files import write_all
     from omni_ds.eval.wer import EvalReport, score_utterances
@@ -113,20 +119,25 @@ def run(args: argparse.Namespace) -> int:
     mean_sets = list(sets) if args.mean_includes_dev else None
     reports, recipes, seeds = [], [], []
     for model_dir, name in zip(args.models, model_names(args.models)):
-        loaded = load_model_dir(model_dir, device)
-        transcriber = Transcriber(loaded, beam_size=args.beam_size)
+        transcriber = None
         report = EvalReport(model=name, sets={}, mean_sets=mean_sets)
         for set_name, reader in readers.items():
-            result = transcribe_batches(
-                transcriber, reader, desc=f"{name}/{set_name}", total=reader.num_utterances
-            )
-            (out / "hyps" / name).mkdir(parents=True, exist_ok=True)
-            result.write_tsv(out / "hyps" / name / f"{set_name}.tsv")
+            tsv = out / "hyps" / name / f"{set_name}.tsv"
+            result = Transcripts.read_tsv(tsv) if args.reuse_hyps and tsv.is_file() else None
+            if result is None or len(result.keys) != reader.num_utterances:
+                if transcriber is None:
+                    transcriber = Transcriber(load_model_dir(model_dir, device), args.beam_size)
+                result = transcribe_batches(
+                    transcriber, reader, desc=f"{name}/{set_name}", total=reader.num_utterances
+                )
+                tsv.parent.mkdir(parents=True, exist_ok=True)
+                result.write_tsv(tsv)
             score, counts = score_utterances(result.refs, result.hyps, normalize)
             report.sets[set_name], report.utterances[set_name] = score, counts
         reports.append(report)
-        recipes.append(loaded.metadata.get("recipe"))
-        seeds.append(loaded.metadata.get("seed"))
+        metadata = read_metadata(model_dir)
+        recipes.append(metadata.get("recipe"))
+        seeds.append(metadata.get("seed"))
     text = write_all(reports, recipes, out, args.bootstrap, args.bootstrap_seed, args.normalizer,
                      seeds)  # fmt: skip
     print(text)

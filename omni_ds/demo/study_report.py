@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from omni_ds.demo.stages import StageFailed
-from omni_ds.demo.study import RunSpec, StudySettings, run_dir
+from omni_ds.demo.study import RunSpec, StudySettings, final_dev, run_dir
 
 _CLI = [sys.executable, "-m", "omni_ds.cli"]
 TEST_SETS = ("test", "test_unseen_speakers", "test_fast", "test_noisy", "test_telephone")
 ANALYSIS_SET = "test"
+"""The set ``omni-ds analyze`` runs on (in-domain, not the dev set that chose the LRs)."""
 
 
 def _run(argv: list[str], log: Path) -> float:
@@ -61,7 +62,9 @@ def evaluate(s: StudySettings, runs: list[RunSpec]) -> dict[str, float]:
                       todo))  # fmt: skip
         seconds["export"] = time.perf_counter() - start
         data = s.out / "data"
-        sets = [a for n in ("dev", *TEST_SETS) for a in ("--test-set", f"{n}={data / n}")]
+        # Dev is not scored again: its WER is the training's final full-dev evaluation (the one
+        # that chose the LRs; test_eval_cli shows the two agree exactly).
+        sets = [a for n in TEST_SETS for a in ("--test-set", f"{n}={data / n}")]
         eval_dir = s.out / f"eval-{tag(s)}"
         eval_json = eval_dir / "eval.json"
         newest = max(
@@ -69,8 +72,12 @@ def evaluate(s: StudySettings, runs: list[RunSpec]) -> dict[str, float]:
         )
         start = time.perf_counter()
         if not _done(eval_json, newest):
+            # Decoding is the cost: one model per process, then one pass scores them together.
+            list(pool.map(lambda r: _run([*_CLI, "eval", str(models / r.name), *sets, "--out",
+                                          str(eval_dir), "--reuse-hyps", "--bootstrap", "0"],
+                                         logs / f"eval-{r.name}.log"), runs))  # fmt: skip
             argv = [*_CLI, "eval", *(str(models / r.name) for r in runs), *sets, "--out",
-                    str(eval_dir), "--bootstrap", str(s.bootstrap_samples),
+                    str(eval_dir), "--reuse-hyps", "--bootstrap", str(s.bootstrap_samples),
                     "--bootstrap-seed", str(s.bootstrap_seed)]  # fmt: skip
             eval_job = pool.submit(_run, argv, logs / f"eval-{tag(s)}.log")
         else:
@@ -92,6 +99,10 @@ def _ctc(s: StudySettings, spec: RunSpec) -> float:
     rows = [json.loads(x) for x in (run_dir(s, spec) / "metrics.jsonl").read_text().splitlines()]
     ctc = [r["ctc"] for r in rows if r.get("kind") == "train" and "ctc" in r][-s.ctc_last_logs :]
     return float(np.mean(ctc)) if ctc else math.nan
+
+
+def _dev(s: StudySettings, spec: RunSpec) -> float:
+    return final_dev(s, spec)["wer"]
 
 
 def _curve(s: StudySettings, spec: RunSpec) -> list[float]:
@@ -148,7 +159,7 @@ def write_report(
         curve = np.mean([_curve(s, r) for r in specs], axis=0)
         lines.append(
             f"| {k} | {specs[0].lr:g} | {_pm(ctc, 1.0, 3)} | "
-            f"{100 * g['wer']['dev'][0]:.1f} ± {100 * g['wer']['dev'][1]:.1f} | "
+            f"{_pm([_dev(s, r) for r in specs])} | "
             f"{100 * g['wer']['mean'][0]:.1f} ± {100 * g['wer']['mean'][1]:.1f} | "
             f"{100 * g['cer']['mean'][0]:.1f} ± {100 * g['cer']['mean'][1]:.1f} | {nmi} | {rr} | "
             + " → ".join(f"{100 * w:.0f}" for w in curve)

@@ -59,7 +59,20 @@ class Transcripts:
         """``key<TAB>reference<TAB>hypothesis`` per utterance, for reading errors by eye."""
         with open(path, "w") as f:
             for row in zip(self.keys, self.refs, self.hyps):
-                f.write("\t".join(s.replace("\t", " ") for s in row) + "\n")
+                f.write("\t".join(s.replace("\t", " ").replace("\n", " ") for s in row) + "\n")
+
+    @classmethod
+    def read_tsv(cls, path) -> Transcripts:
+        """What :meth:`write_tsv` wrote: the texts as they were, but for a tab or line break
+        inside one, which reads back as a space."""
+        out = cls()
+        with open(path) as f:
+            for line in f:
+                key, ref, hyp = line.rstrip("\n").split("\t")
+                out.keys.append(key)
+                out.refs.append(ref)
+                out.hyps.append(hyp)
+        return out
 
 
 def transcribe_batches(
