@@ -193,6 +193,18 @@ def test_dispatch_kernels_agree_on_the_device_in_bf16(k, dropless):
     assert not grouped_mm_problem(DEVICE.type, DEVICE.index, torch.bfloat16)
 
 
+def test_grouped_mm_on_the_device_with_experts_that_get_no_rows():
+    """Empty groups in ``torch._grouped_mm`` (early CUDA builds hung on them): zero gradients."""
+    gmm = layer(1, True, "grouped", kernel="grouped_mm").to(DEVICE, torch.bfloat16)
+    gmm.router.wg.weight.data[0] += 50.0  # every frame to expert 0
+    x, pad = inputs(0, [12, 9])
+    got = grads(gmm, x.detach().to(DEVICE, torch.bfloat16).requires_grad_(), pad.to(DEVICE), 0)
+    idle = got["moe.deepspeed_moe.experts.deepspeed_experts.3.fc1.weight"]
+    assert idle is not None and not idle.any()
+    assert got["moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"].abs().sum() > 0
+    assert got["x"].isfinite().all()
+
+
 def test_dispatch_kernels_agree_on_the_device_in_fp32_or_say_why_not():
     loop = layer(1, True, "grouped", kernel="loop").to(DEVICE)
     x, pad = inputs(1, [30, 18])
