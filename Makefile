@@ -12,10 +12,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install test lint format demo clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	@start=$$(date +%s); \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt; \
+	{ echo "torch==$(TORCH_VERSION)"; grep -v "^#" constraints.txt; } > $(VENV)/constraints.txt; \
 	$(PIP) "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS) && \
 	$(PIP) -c $(VENV)/constraints.txt "setuptools>=68" wheel ninja && \
 	$(PIP) -c $(VENV)/constraints.txt --no-build-isolation "deepspeed==0.19.8" && \
