@@ -78,6 +78,18 @@ def test_auto_nothing_determines_is_refused_with_key_and_fix(tmp_path, capsys):
     assert "can't multiply" not in out
 
 
+def test_precision_auto_is_reported_once_never_as_enabled(tmp_path):
+    """An unresolved "auto" under fp16/bf16 is its own problem; it must not also read as
+    "enabled" (both-true, fp16 on a CPU), while the strings DeepSpeed reads as true still do."""
+    ds = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}
+    problems = preflight(_experiment(tmp_path, ds), world_size=1).problems
+    assert len(problems) == 2 and all('"auto" cannot be resolved' in p for p in problems)
+    ds = {"fp16": {"enabled": "True"}, "bf16": {"enabled": "yes"}}
+    problems = preflight(_experiment(tmp_path, ds), world_size=1).problems
+    assert any("both true" in p for p in problems)
+    assert any("fp16.enabled: true for ranks without a GPU" in p for p in problems)
+
+
 def test_micro_batch_other_than_one_is_refused_with_its_meaning(tmp_path, capsys):
     ds = {"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32}
     path = _experiment(tmp_path, ds)

@@ -73,9 +73,17 @@ class Preflight:
     warnings: list[str]
 
 
+_TRUE_STRINGS = ("1", "on", "t", "true", "y", "yes")
+"""The strings DeepSpeed's (pydantic) config reads as true; "auto" is none of them: an unresolved
+"auto" is reported by its own check, not taken as enabled."""
+
+
 def _enabled(ds: dict, section: str) -> bool:
     value = ds.get(section)
-    return isinstance(value, dict) and bool(value.get("enabled"))
+    enabled = value.get("enabled") if isinstance(value, dict) else None
+    if isinstance(enabled, str):
+        return enabled.strip().lower() in _TRUE_STRINGS
+    return bool(enabled)
 
 
 def _number(value: Any) -> bool:
