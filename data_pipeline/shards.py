@@ -13,6 +13,8 @@ the same layout: :func:`make_shards_task` ``I`` of ``N`` writes shards I, I+N, I
 task that finds all N done (under a file lock) finishes with :func:`make_shards` itself, which
 only scans the shards now on disk and writes ``index.json`` and ``report.jsonl``: the result is
 byte-identical to the one-machine command. A requeued or rerun task skips complete shards.
+
+Shards for object storage (``--out s3://...``) are written by ``data_pipeline.upload``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from data_pipeline.index import scan_shard, write_index
 from data_pipeline.manifests import Problem, Record
 
 REPORT_FILE = "report.jsonl"
-_PARTS = ".parts"
+PARTS_DIR = ".parts"
+"""Each complete shard's report lines (on a store, with its index entry: ``data_pipeline.upload``)."""
 DONE_DIR = ".array"
 """Per-task completion markers of array jobs, ``DIR/.array/<job>.<task>-of-<tasks>``: a later
 array job over the same directory waits for its own tasks, not for markers left by an earlier
@@ -104,15 +107,13 @@ def group_records(
     return [g for g in groups if g]
 
 
-def _problem_lines(problems: Iterable[Problem]) -> str:
+def problem_lines(problems: Iterable[Problem]) -> str:
     return "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in problems)
 
 
-def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
-    path, records = job
-    part = path.parent / _PARTS / f"{path.name}.report.jsonl"
-    if path.is_file() and part.is_file():
-        return scan_shard(path), False
+def build_shard(path: Path, records: Sequence[Record]) -> str:
+    """Write the shard of ``records`` to ``path``; returns its ``report.jsonl`` lines (the
+    records left out, with the reason)."""
     problems: list[Problem] = []
 
     def samples():
@@ -129,7 +130,15 @@ def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
             yield r.key, pcm, {"text": r.text, **r.meta}
 
     write_shard(path, samples())
-    part.write_text(_problem_lines(problems))
+    return problem_lines(problems)
+
+
+def _build_shard(job: tuple[Path, list[Record]]) -> tuple[dict, bool]:
+    path, records = job
+    part = path.parent / PARTS_DIR / f"{path.name}.report.jsonl"
+    if path.is_file() and part.is_file():
+        return scan_shard(path), False
+    part.write_text(build_shard(path, records))
     return scan_shard(path), True
 
 
@@ -163,7 +172,8 @@ class _Serial:
 
 @dataclasses.dataclass
 class ShardSummary:
-    out: Path
+    out: Path | str
+    """The shard directory, or the URL (``data_pipeline.upload``)."""
     shards: int
     written: int
     """Shards written by this run (the others were already complete)."""
@@ -172,13 +182,21 @@ class ShardSummary:
     problems: int
     """Inputs left out, listed in ``report.jsonl``."""
 
+    @classmethod
+    def of(cls, out: Path | str, index: list[dict], written: int, report: str) -> ShardSummary:
+        """The summary of the shards of ``index`` and the ``report.jsonl`` text ``report``."""
+        return cls(out=out, shards=len(index), written=written,
+                   samples=sum(e["num_samples"] for e in index),
+                   hours=sum(e["duration"] for e in index) / 3600,
+                   problems=report.count("\n"))  # fmt: skip
+
 
 def _shard_jobs(
     records: Sequence[Record], out: Path, shard_size: int | None, shard_bytes: int | None
 ) -> list[tuple[Path, list[Record]]]:
     """(shard path, its records) of every shard of ``out``, which is created."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / _PARTS).mkdir(exist_ok=True)
+    (out / PARTS_DIR).mkdir(exist_ok=True)
     groups = group_records(records, shard_size, shard_bytes)
     return [(out / shard_name(i), g) for i, g in enumerate(groups)]
 
@@ -198,18 +216,11 @@ def make_shards(
     results = run_jobs(_build_shard, jobs, workers or os.cpu_count() or 1, "shards", progress)
     index = [entry for entry, _ in results]
     write_index(out, index)
-    lines = _problem_lines(problems) + "".join(
-        (out / _PARTS / f"{path.name}.report.jsonl").read_text() for path, _ in jobs
+    lines = problem_lines(problems) + "".join(
+        (out / PARTS_DIR / f"{path.name}.report.jsonl").read_text() for path, _ in jobs
     )
     (out / REPORT_FILE).write_text(lines)
-    return ShardSummary(
-        out=out,
-        shards=len(index),
-        written=sum(w for _, w in results),
-        samples=sum(e["num_samples"] for e in index),
-        hours=sum(e["duration"] for e in index) / 3600,
-        problems=lines.count("\n"),
-    )
+    return ShardSummary.of(out, index, sum(w for _, w in results), lines)
 
 
 def make_shards_task(

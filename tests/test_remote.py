@@ -10,6 +10,7 @@ both give the reference's samples at every step on every rank, and its losses.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import range_server
 import torch
 from harness import run_command, start_command
+from test_shards import audio_manifest, file_tree
 from test_train import final_weights, losses, sample_log, train_argv
 
 from data_pipeline.config import DataConfig
@@ -28,6 +30,7 @@ from data_pipeline.reader import BatchReader
 from data_pipeline.remote import Remote, redact
 from data_pipeline.sources import SourceError, expand, open_shards
 from omni_ds.ckpt.format import latest_checkpoint
+from omni_ds.cli import main
 from omni_ds.train.metrics import read_metrics
 
 SECRET = "sEcReT-k3y-that-must-not-leak"
@@ -112,6 +115,46 @@ def test_url_forms_and_permanent_errors_counted_as_for_files(corpus, s3, tmp_pat
     assert 0 < batch["_skipped"]["corrupt_member"] <= n[2]
     assert len(batch["keys"]) == len(ids) - sum(batch["_skipped"].values())
     assert batch["_retries"] == 0
+
+
+def test_make_shards_to_s3_uploads_what_it_writes_locally(s3, tmp_path, capsys):
+    manifest = audio_manifest(tmp_path, 7)
+    with manifest.open("a") as f:
+        f.write("\n" + json.dumps({"audio_filepath": "missing.flac", "text": "gone"}))
+    common = [str(manifest), "--shard-size", "2", "--workers", "2", "--endpoint-url",
+              s3.endpoint_url]  # fmt: skip
+    url = "s3://bucket/made/train"
+    assert main(["make-shards", *common, "--out", str(tmp_path / "local")]) == 0
+    assert main(["make-shards", *common, "--out", url]) == 0
+    assert f"{url}: 4 shards (4 written now), 7 utterances" in capsys.readouterr().out
+    fs = s3.filesystem(url)
+    written = {k: v for k, v in file_tree(tmp_path / "local").items() if k[0] != "."}
+    assert len(written) == 6 and b"missing.flac" in written["report.jsonl"]
+    assert {name: fs.cat_file(f"{url}/{name}") for name in written} == written
+    # The loader reads from the store the keys and audio it reads from the local directory.
+    local, remote = open_shards(tmp_path / "local"), open_shards(url, remote=s3)
+    ids = list(range(7))
+    expected = BatchReader(Catalog.from_sets([local])).read_batch(ids)
+    batch = BatchReader(Catalog.from_sets([remote])).read_batch(ids)
+    assert batch["keys"] == expected["keys"] and len(set(batch["keys"])) == 7
+    assert torch.equal(batch["audio"], expected["audio"])
+    # A rerun skips complete shards; one gone from the store, or whose part is damaged, is
+    # rebuilt to the same bytes.
+    fs.rm(f"{url}/shard-000002.tar")
+    fs.pipe_file(f"{url}/.parts/shard-000003.tar.json", b"{not json")
+    assert main(["make-shards", *common, "--out", url]) == 0
+    assert "4 shards (2 written now)" in capsys.readouterr().out
+    assert {name: fs.cat_file(f"{url}/{name}") for name in written} == written
+    assert not any(SECRET.encode() in fs.cat_file(key) for key in fs.find(url))
+    # --index-only of the uploaded shards (into the cache) indexes them as make-shards did.
+    assert main(["make-shards", f"{url}/shard-*.tar", "--index-only", "--endpoint-url",
+                 s3.endpoint_url]) == 0  # fmt: skip
+    assert "4 shards, 7 samples" in capsys.readouterr().out
+    # No such bucket: one line naming the URL, exit 2, before any work.
+    assert main(["make-shards", *common, "--out", "s3://no-such-bucket/train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "s3://no-such-bucket/train: bucket no-such-bucket" in err
+    assert not fs.exists("s3://no-such-bucket")
 
 
 def test_credentials_never_in_urls():

@@ -131,7 +131,7 @@ def test_kaldi_dir_round_trip_with_segments_and_resampling(tmp_path):
     assert report(tmp_path / "out") == {"c1": "unreadable_audio"}
 
 
-def _manifest(tmp_path: Path, n: int) -> Path:
+def audio_manifest(tmp_path: Path, n: int) -> Path:
     lines = []
     for i in range(n):
         sf.write(tmp_path / f"u{i}.flac", pcm(0.3 + 0.05 * i, i), 16000, subtype="PCM_16")
@@ -141,7 +141,7 @@ def _manifest(tmp_path: Path, n: int) -> Path:
 
 
 def test_deterministic_resumable_and_indexable(tmp_path):
-    records, _ = read_input(_manifest(tmp_path, 10))
+    records, _ = read_input(audio_manifest(tmp_path, 10))
     one = make_shards(records, tmp_path / "one", shard_bytes=30_000, workers=1, progress=False)
     two = make_shards(records, tmp_path / "two", shard_bytes=30_000, workers=2, progress=False)
     assert one.shards == two.shards > 2
@@ -163,7 +163,7 @@ def test_deterministic_resumable_and_indexable(tmp_path):
 
 
 def test_tokenizer_from_shard_transcripts(tmp_path):
-    records, _ = read_input(_manifest(tmp_path, 6))
+    records, _ = read_input(audio_manifest(tmp_path, 6))
     make_shards(records, tmp_path / "out", workers=1, progress=False)
     assert main(["train-tokenizer", str(tmp_path / "out"), "--vocab", "20"]) == 0
     tok = Tokenizer(tmp_path / "out" / "tokenizer.model")
@@ -182,7 +182,7 @@ def test_tokenizer_from_shard_transcripts(tmp_path):
 def test_shards_read_by_the_webdataset_library(tmp_path):
     import webdataset as wds
 
-    records, _ = read_input(_manifest(tmp_path, 4))
+    records, _ = read_input(audio_manifest(tmp_path, 4))
     make_shards(records, tmp_path / "out", shard_size=2, workers=1, progress=False)
     urls = [str(p) for p in sorted((tmp_path / "out").glob("*.tar"))]
     got = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
@@ -192,13 +192,13 @@ def test_shards_read_by_the_webdataset_library(tmp_path):
     assert json.loads(got["u2"]["json"])["text"] == "t 2"
 
 
-def _tree(directory: Path) -> dict[str, bytes]:
+def file_tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
 
 
 def test_array_tasks_write_what_the_local_command_writes(tmp_path, monkeypatch, capsys):
-    manifest = _manifest(tmp_path, 9)
+    manifest = audio_manifest(tmp_path, 9)
     with manifest.open("a") as f:
         f.write("\n" + json.dumps({"audio_filepath": "missing.flac", "text": "gone"}))
     local, array = tmp_path / "local", tmp_path / "array"
@@ -215,10 +215,10 @@ def test_array_tasks_write_what_the_local_command_writes(tmp_path, monkeypatch, 
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task_id))
         assert main(["make-shards", *common, "--out", str(array)]) == 0
     assert "task 0 of 3 done; all tasks done, index written" in capsys.readouterr().out
-    written = _tree(local)
+    written = file_tree(local)
     assert sum(name.endswith(".tar") for name in written) == 5
     assert "missing.flac" in written["report.jsonl"].decode()
-    got = _tree(array)
+    got = file_tree(array)
     assert {k: got[k] for k in written} == written
     assert sorted(set(got) - set(written)) == [".array/77.0-of-3", ".array/77.1-of-3",
                                                ".array/77.2-of-3", ".array/lock"]  # fmt: skip
@@ -233,7 +233,7 @@ def test_the_sbatch_script_runs_make_shards_tasks(tmp_path):
     import subprocess
     import sys
 
-    manifest = _manifest(tmp_path, 5)
+    manifest = audio_manifest(tmp_path, 5)
     records, problems = read_input(manifest)
     make_shards(records, tmp_path / "local", problems=problems, shard_size=2, workers=1,
                 progress=False)  # fmt: skip
@@ -252,5 +252,5 @@ def test_the_sbatch_script_runs_make_shards_tasks(tmp_path):
         logs.append(result.stdout + result.stderr)
     assert "task 0 of 2 done; waiting" in logs[0] and "all tasks done" in logs[1]
     assert "task 0/2" in logs[0] and "task 1/2" in logs[1]
-    written = _tree(tmp_path / "local")
-    assert {k: _tree(tmp_path / "array")[k] for k in written} == written
+    written = file_tree(tmp_path / "local")
+    assert {k: file_tree(tmp_path / "array")[k] for k in written} == written

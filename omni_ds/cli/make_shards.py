@@ -16,6 +16,7 @@ to finish writes the index: the output is byte-identical to the one-machine comm
     omni-ds make-shards data/kaldi/train --out shards/kaldi
     omni-ds make-shards nemo_tarred/ --out shards/nemo       # audio_N.tar + tarred manifest
     omni-ds make-shards cuts.jsonl.gz --out shards/lhotse --channel 0
+    omni-ds make-shards train.jsonl --out s3://bucket/corpus/train   # uploaded shard by shard
     omni-ds make-shards 'shards/foreign/shard-{000000..000003}.tar' --index-only
     omni-ds make-shards 's3://bucket/wds/shard-{000000..000099}.tar' --index-only  # into the cache
 """
@@ -46,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--index-only a shard source (directory, .tar, brace pattern, glob)",
     )
     parser.add_argument(
-        "--out", metavar="DIR", help="shard directory to write (required unless --index-only)"
+        "--out",
+        metavar="DIR",
+        help="shard directory to write (required unless --index-only), or a URL to upload the "
+        "shards to (s3://bucket/prefix)",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-size", type=int, default=None, help="utterances per shard (1000)")
@@ -101,8 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint-url",
         default="",
-        help="endpoint of the S3-compatible store of s3:// sources (default: AWS, or the "
-        "environment's / AWS config's); credentials come from the environment or ~/.aws",
+        help="endpoint of the S3-compatible store of s3:// sources and --out (default: AWS, or "
+        "the environment's / AWS config's); credentials come from the environment or ~/.aws",
     )
 
 
@@ -126,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
             f"--task {args.task} is not in 0..{args.tasks - 1}; use --array=0-{args.tasks - 1}"
         )
     from data_pipeline.manifests import read_input
+    from data_pipeline.remote import Remote, is_url, join, redact
     from data_pipeline.shards import REPORT_FILE, make_shards, make_shards_task
 
+    remote = Remote(endpoint_url=args.endpoint_url)
+    if is_url(args.out):
+        _check_url_out(args, remote)
     channel = _channel(args.channel)
     try:
         records, problems = read_input(args.input)
@@ -140,23 +148,48 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size if args.shard_bytes is None else None,
         shard_bytes=args.shard_bytes,
     )
-    if args.tasks > 1:
+    if is_url(args.out):
+        from data_pipeline.upload import upload_shards
+
+        try:
+            summary = upload_shards(records, args.out, remote, workers=args.workers, **layout)
+        except FileNotFoundError as e:  # a permanent storage failure, named by its URL
+            raise SystemExit(f"{e}; no index was written") from None
+        where, report = redact(summary.out), redact(join(summary.out, REPORT_FILE))
+    elif args.tasks > 1:
         finished = make_shards_task(records, Path(args.out), args.task, args.tasks, job=args.job,
                                     workers=args.workers or 1, **layout)  # fmt: skip
         what = "all tasks done, index written" if finished else "waiting for the other tasks"
         print(f"{args.out}: task {args.task} of {args.tasks} done; {what}")
         return 0
-    summary = make_shards(records, Path(args.out), workers=args.workers, **layout)
+    else:
+        summary = make_shards(records, Path(args.out), workers=args.workers, **layout)
+        where, report = summary.out, summary.out / REPORT_FILE
     print(
-        f"{summary.out}: {summary.shards} shards ({summary.written} written now), "
+        f"{where}: {summary.shards} shards ({summary.written} written now), "
         f"{summary.samples} utterances, {summary.hours:.2f} h; "
-        f"{summary.problems} inputs left out (see {summary.out / REPORT_FILE})"
+        f"{summary.problems} inputs left out (see {report})"
     )
     if summary.samples == 0:
-        print(f"error: no utterance of {args.input} was usable; the reasons are in "
-              f"{summary.out / REPORT_FILE}", file=sys.stderr)  # fmt: skip
+        print(f"error: no utterance of {args.input} was usable; the reasons are in {report}",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _check_url_out(args: argparse.Namespace, remote) -> None:
+    """Refuse an ``--out`` URL that cannot take the shards before the input is read."""
+    from data_pipeline.remote import redact
+    from data_pipeline.upload import check_writable
+
+    if args.tasks > 1:
+        raise SystemExit(f"--out {redact(args.out)}: array tasks (--tasks {args.tasks}) meet "
+                         "through a shared directory; give --out a directory on shared disk, or "
+                         "run one task with more --workers")  # fmt: skip
+    try:
+        check_writable(args.out, remote)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{e}; nothing was written") from None
 
 
 def _index_only(spec: str, text_key: str, endpoint_url: str = "") -> int:
