@@ -37,6 +37,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from harness import REPO, run_command, start_command  # noqa: E402
+from test_train import kill_mid_save  # noqa: E402
 
 from omni_ds.ckpt.format import MANIFEST, latest_checkpoint, verify  # noqa: E402
 from omni_ds.train.metrics import read_records  # noqa: E402
@@ -135,21 +136,6 @@ def random_kills(corpus: Path, ds: Path, work: Path, kills: int, steps: int, rng
             "same_samples": same_samples, "final_weights_bitwise_equal": same_weights}  # fmt: skip
 
 
-def _saving(ckpts: Path) -> Path | None:
-    """A tag being written (files, no manifest yet) newer than a complete checkpoint."""
-    complete = latest_checkpoint(ckpts)
-    if complete is None:
-        return None
-    newest = int(complete.name.split("_")[1])
-    for d in ckpts.glob("step_*"):
-        try:
-            if int(d.name.split("_")[1]) > newest and any(d.iterdir()):
-                return d if not (d / MANIFEST).exists() else None
-        except (FileNotFoundError, ValueError):
-            continue
-    return None
-
-
 def save_kills(corpus: Path, ds: Path, work: Path, kills: int) -> dict:
     run = work / "saves"
     argv = train_argv(corpus, ds, run, "train.max_steps=400", "checkpoint.every_steps=1",
@@ -158,13 +144,8 @@ def save_kills(corpus: Path, ds: Path, work: Path, kills: int) -> dict:
     landed, attempts, good = 0, 0, 0
     while landed < kills and attempts < 4 * kills:
         attempts += 1
-        with start_command(argv + ["--resume", "auto"], 2) as group:
-            while (saving := _saving(ckpts)) is None:
-                if any(p.poll() is not None for p in group.procs):
-                    group.wait(timeout=60)
-                    raise AssertionError("the run ended before a save was hit")
-            group.kill()
-        if (saving / MANIFEST).exists():
+        saving = kill_mid_save(argv + ["--resume", "auto"], ckpts)
+        if saving is None:
             continue  # the kill landed just after the save finished
         landed += 1
         latest = (ckpts / "latest").read_text().strip()

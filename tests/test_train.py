@@ -132,7 +132,7 @@ def test_kill9_and_resume_gives_the_straight_run(corpus, tmp_path):
     assert read_trace(resumed) == read_trace(straight)
 
 
-def _saving(ckpts: Path) -> Path | None:
+def saving_tag(ckpts: Path) -> Path | None:
     """A tag directory being written (files, no manifest yet) newer than a complete one."""
     complete = latest_checkpoint(ckpts)
     if complete is None:
@@ -142,16 +142,16 @@ def _saving(ckpts: Path) -> Path | None:
         try:
             if int(d.name.split("_")[1]) > newest and any(d.iterdir()):
                 return d if not (d / MANIFEST).exists() else None
-        except FileNotFoundError:  # removed while we looked
+        except (FileNotFoundError, ValueError):  # removed while we looked; not a step_<N> tag
             continue
     return None
 
 
-def _kill_mid_save(argv: list, ckpts: Path) -> Path | None:
+def kill_mid_save(argv: list, ckpts: Path) -> Path | None:
     """Start ``argv``, SIGKILL every rank while a checkpoint is being written; returns the
     interrupted tag if the kill landed before its manifest (it can land just after)."""
     with start_command(argv, 2) as group:
-        while (saving := _saving(ckpts)) is None:
+        while (saving := saving_tag(ckpts)) is None:
             if any(p.poll() is not None for p in group.procs):
                 group.wait(timeout=60)  # raises with every rank's stderr if one failed
                 raise AssertionError("the run ended before a save was hit")
@@ -165,7 +165,7 @@ def test_kill_during_a_checkpoint_save_keeps_the_previous_one(corpus, tmp_path):
     argv = train_argv(corpus, run, "train.max_steps=60", "checkpoint.every_steps=2")
     ckpts = run / "checkpoints"
     for _ in range(3):  # each attempt resumes the previous one's checkpoints
-        interrupted = _kill_mid_save(argv, ckpts)
+        interrupted = kill_mid_save(argv, ckpts)
         if interrupted is not None:
             break
     assert interrupted is not None, "no kill landed inside a save in 3 attempts"
