@@ -25,6 +25,8 @@ MIN_SAMPLE_RATE = 8000
 """Lower rates cannot carry the 0–8 kHz band the model's features use."""
 SAME_SIGNAL = 0.9
 """Correlation above which the channels of a recording are taken to carry one signal."""
+FULL_SCALE = 32767 / 32768
+"""The largest value 16-bit PCM holds, as a float."""
 SILENCE_PEAK = 1 / 32768
 """Audio whose peak is at most one 16-bit step is digital silence: no transcript can match it."""
 
@@ -72,17 +74,27 @@ def select_channel(audio: np.ndarray, channel: int | str | None = None) -> np.nd
     return mean.astype(np.float32)
 
 
-def to_int16_16k(audio: np.ndarray, rate: int, channel: int | str | None = None) -> np.ndarray:
-    """Mono int16 at 16 kHz from soundfile output (a 16 kHz int16 channel passes bit-exact)."""
+def to_int16_16k(
+    audio: np.ndarray, rate: int, channel: int | str | None = None
+) -> tuple[np.ndarray, float]:
+    """Mono int16 at 16 kHz from soundfile output (a 16 kHz int16 channel passes bit-exact), and
+    the gain applied to it: 1.0, except for float audio above full scale (a float WAV may hold
+    values beyond [-1, 1]), which is scaled down to peak at full scale instead of clipped: a
+    linear change keeps the speech, clipping would distort it."""
     audio = select_channel(audio, channel)
     if rate == SAMPLE_RATE and audio.dtype == np.int16:
-        return audio
+        return audio, 1.0
     audio = _as_float(audio)
+    gain, peak = 1.0, float(np.abs(audio).max())
+    if peak > 1.0:
+        gain = FULL_SCALE / peak
+        audio = audio * np.float32(gain)
     if rate != SAMPLE_RATE:
         import soxr
 
         audio = soxr.resample(audio, rate, SAMPLE_RATE)
-    return np.round(np.clip(audio, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+    # The resampler may overshoot full scale by a few samples of in-range audio: those clip.
+    return np.round(np.clip(audio, -1.0, FULL_SCALE) * 32768).astype(np.int16), gain
 
 
 def _open(path: str, member: str | None):
@@ -120,9 +132,10 @@ def read_file(
     duration: float | None = None,
     channel: int | str | None = None,
     member: str | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
     """A file (or a ``start``/``duration`` segment of it, in seconds; or member ``member`` of the
-    tar ``path``) as 16 kHz mono int16, ``channel`` chosen as :func:`select_channel` says."""
+    tar ``path``) as 16 kHz mono int16, ``channel`` chosen as :func:`select_channel` says, and
+    the gain :func:`to_int16_16k` applied (1.0 unless float audio was above full scale)."""
     what = path if member is None else f"{path}:{member}"
     source = _open(path, member)
     try:
@@ -166,7 +179,7 @@ def read_float(path: str, start: float = 0.0, duration: float | None = None,
                channel: int | str | None = None, member: str | None = None) -> np.ndarray:  # fmt: skip
     """:func:`read_file` as float32 in [-1, 1): what decoding the FLAC make-shards would store
     for this file gives back."""
-    return read_file(path, start, duration, channel, member).astype(np.float32) / 32768.0
+    return read_file(path, start, duration, channel, member)[0].astype(np.float32) / 32768.0
 
 
 def file_seconds(

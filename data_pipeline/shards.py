@@ -25,6 +25,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.audio import (
+    FULL_SCALE,
     SAMPLE_RATE,
     AudioError,
     encode_flac,
@@ -122,12 +124,18 @@ def build_shard(path: Path, records: Sequence[Record]) -> str:
                 problems.append(Problem(r.key, r.path, "empty_text", "empty transcript"))
                 continue
             try:
-                pcm = read_file(r.path, r.start, r.duration, r.channel, r.member)
+                pcm, gain = read_file(r.path, r.start, r.duration, r.channel, r.member)
                 reject_silence(pcm, r.path)
             except AudioError as e:
                 problems.append(Problem(r.key, r.path, e.reason, str(e)))
                 continue
-            yield r.key, pcm, {"text": r.text, **r.meta}
+            label = {"text": r.text, **r.meta}
+            if gain != 1.0:  # the sample is kept, changed: say so, and record how in its label
+                label["gain"] = round(gain, 6)
+                print(f"make-shards: {r.key} ({r.path}): float audio above full scale (peak "
+                      f"{FULL_SCALE / gain:.3g}), stored scaled by its label's gain {gain:.4g} "
+                      "instead of clipped", file=sys.stderr, flush=True)  # fmt: skip
+            yield r.key, pcm, label
 
     write_shard(path, samples())
     return problem_lines(problems)

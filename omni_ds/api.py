@@ -52,7 +52,7 @@ def _samples(item: Audio, sample_rate: int, channel: int | str) -> np.ndarray:
     if audio.ndim not in (1, 2) or audio.shape[0] == 0:
         raise ValueError(f"audio array of shape {audio.shape}: need [samples] or "
                          "[samples, channels] with at least one sample")  # fmt: skip
-    return to_int16_16k(audio, sample_rate, channel).astype(np.float32) / 32768.0
+    return to_int16_16k(audio, sample_rate, channel)[0].astype(np.float32) / 32768.0
 
 
 class Model:

@@ -88,6 +88,32 @@ def test_stereo_pcm16_keeps_the_level_of_the_chosen_channel(tmp_path, fmt):
         assert rms(got[f"r{rate}_auto"][0]) == pytest.approx(expected[f"r{rate}_c1"][0], rel=0.01)
 
 
+def test_float_audio_above_full_scale_is_scaled_not_clipped_and_says_so(tmp_path, capsys):
+    """A float WAV may hold values beyond [-1, 1] (gain after processing): it was clipped to
+    full scale in the shard, silently. Now it is scaled (linear: the waveform keeps its shape)
+    and the sample's label and a log line say by how much; in-range audio is untouched."""
+    loud = tones(1.0, 16000, (300, 1100), 0.8)  # peak ~1.6
+    sf.write(tmp_path / "loud.wav", loud, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "loud48k.wav", tones(1.0, 48000, (300, 1100), 0.8), 48000,
+             subtype="FLOAT")  # fmt: skip
+    sf.write(tmp_path / "fine.wav", loud / 4, 16000, subtype="FLOAT")
+    lines = [{"audio_filepath": f, "text": "x"} for f in ("loud.wav", "loud48k.wav", "fine.wav")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert make([tmp_path / "m.jsonl", "--out", tmp_path / "out"]) == 0
+    err = capsys.readouterr().err
+    got = read_shards(tmp_path / "out")
+    peak = np.abs(loud).max()
+    pcm, label = got["loud"]
+    assert label["gain"] == pytest.approx(32767 / 32768 / peak, rel=1e-5)
+    assert "loud (" in err and "above full scale" in err and "loud48k (" in err
+    # Scaled, not clipped: the waveform is the input times the gain, to the 16-bit step.
+    np.testing.assert_allclose(pcm / 32768, loud * label["gain"], atol=1 / 32768)
+    assert np.abs(pcm).max() == 32767  # peaks at full scale
+    assert 0.45 < got["loud48k"][1]["gain"] < 0.75
+    assert "gain" not in got["fine"][1] and "fine (" not in err
+    np.testing.assert_array_equal(got["fine"][0], np.round(loud / 4 * 32768).astype(np.int16))
+
+
 def _librispeech(root: Path, texts: list[str]) -> dict[str, np.ndarray]:
     folder = root / "19" / "198"
     folder.mkdir(parents=True)
