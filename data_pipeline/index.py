@@ -17,6 +17,16 @@ A sample's label is ``<key>.json`` (its transcript under ``text_key``, default `
 a sample has no JSON, ``<key>.txt`` (the whole member is the transcript; the row then ends with
 ``"txt"``). ``name`` is relative to the index's directory (``sub/shard-0.tar`` for shards that
 ``data_pipeline.sources`` gathered from several folders).
+
+An index that ``data_pipeline.sources`` built on first use (not ``make-shards``, ``synth`` or
+``--index-only``) says ``"auto": true``; index entries of local shards it wrote also record
+``mtime_ns``. Loading an index checks every local shard against its entry (:func:`changed_shards`):
+a size that differs, or a file modified since it was indexed (a different ``mtime_ns``, or, where
+none is recorded, newer than the index file) whose content changed. Offsets into a rewritten shard
+would pair the wrong audio and labels, so a user's index that is stale is refused
+(:class:`StaleIndexError`, naming the shard and the fix); an automatic one is re-indexed by
+``data_pipeline.sources``. Shards of URL indexes are not checked here (their cached indexes are
+keyed by the objects' sizes and ETags instead).
 """
 
 from __future__ import annotations
@@ -125,12 +135,20 @@ def scan_shard(path: Path, name: str | None = None, text_key: str = "text",
     }
 
 
+class StaleIndexError(ValueError):
+    """A user's index whose shards changed since it was written; the message names the shard,
+    what changed and the command that re-indexes it."""
+
+
 def write_index(directory: Path, shards: list[dict], text_key: str = "text",
-                path: Path | None = None) -> Path:  # fmt: skip
-    """Write ``DIR/index.json`` (or ``path``) for ``shards`` (as :func:`scan_shard` returns them)."""
+                path: Path | None = None, auto: bool = False) -> Path:  # fmt: skip
+    """Write ``DIR/index.json`` (or ``path``) for ``shards`` (as :func:`scan_shard` returns them);
+    ``auto``: built on first use, not asked for (module docstring)."""
     index = {"version": 1, "sample_rate": SAMPLE_RATE, "shards": shards}
     if text_key != "text":
         index["text_key"] = text_key
+    if auto:
+        index["auto"] = True
     path = path or directory / INDEX_FILE
     # A per-process temporary name: ranks that index the same shards never share one.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -183,6 +201,10 @@ class ShardSet:
     """Where the transcript is in the shards' JSON labels."""
     remote: Remote | None = None
     """How the shards are reached when ``directory`` is a URL."""
+    auto: bool = False
+    """Whether ``data_pipeline.sources`` built the index on first use (module docstring)."""
+    stale: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Shards of an automatic index changed since they were indexed: name -> what changed."""
 
     def path(self, name: str) -> Path | str:
         """The path or URL of the shard ``name`` of the index."""
@@ -197,11 +219,63 @@ class ShardSet:
         return sum(s["duration"] for s in self.shards)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_shards(shard_set: ShardSet, index_path: Path, verify: bool = True) -> dict[str, str]:
+    """name -> what changed, for the local shards of ``shard_set`` (read from ``index_path``)
+    that differ from their entries: the size (``os.stat``), or a modification since indexing
+    (module docstring) which ``verify`` confirms by the SHA-256 (a copied or touched shard is
+    unchanged). Missing shards are left to the readers (``missing_shard``)."""
+    if is_url(shard_set.directory):
+        return {}
+    written = index_path.stat().st_mtime_ns
+    changed = {}
+    for entry in shard_set.shards:
+        path = shard_set.path(entry["name"])
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        recorded = entry.get("bytes", st.st_size)
+        if st.st_size != recorded:
+            changed[entry["name"]] = f"is {st.st_size} bytes, the index says {recorded}"
+            continue
+        mtime = entry.get("mtime_ns")
+        modified = st.st_mtime_ns > written if mtime is None else st.st_mtime_ns != mtime
+        if modified and (not verify or _sha256(path) != entry.get("sha256")):
+            changed[entry["name"]] = (
+                f"was rewritten after it was indexed (same {st.st_size} bytes"
+                + (", different SHA-256)" if verify else ")")
+            )
+    return changed
+
+
+def stale_message(index_path: Path | str, directory: Path | str, changed: dict[str, str]) -> str:
+    """The one-line refusal of a user's index whose shards ``changed``."""
+    name, what = next(iter(changed.items()))
+    more = f" (and {len(changed) - 1} more shards)" if len(changed) > 1 else ""
+    return (
+        f"{index_path} is stale: shard {name} {what}{more}; its offsets would pair the wrong "
+        f"audio and labels. Re-index with `omni-ds make-shards --index-only {directory}`"
+    )
+
+
 def load_index(
-    directory: str | Path, path: Path | str | None = None, remote: Remote | None = None
+    directory: str | Path,
+    path: Path | str | None = None,
+    remote: Remote | None = None,
+    check: bool = True,
 ) -> ShardSet:
     """The shards of ``DIR/index.json`` (or of the index at ``path``, for shards in ``DIR``);
-    ``directory`` and ``path`` may be URLs."""
+    ``directory`` and ``path`` may be URLs. With ``check``, local shards are compared with their
+    entries (module docstring): a user's stale index raises :class:`StaleIndexError`, an
+    automatic one lists its changed shards in ``stale``."""
     if is_url(path or directory):
         where = path or urls.join(str(directory), INDEX_FILE)
         index = json.loads(read_all(where, remote))
@@ -213,11 +287,18 @@ def load_index(
             f"{path} does not exist; write shards with `omni-ds make-shards`, or index existing "
             f"ones with `omni-ds make-shards --index-only {directory}`"
         )
-    return _shard_set(json.loads(path.read_text()), path, directory, remote)
+    shard_set = _shard_set(json.loads(path.read_text()), path, directory, remote)
+    if check:
+        changed = changed_shards(shard_set, path, verify=not shard_set.auto)
+        if changed and not shard_set.auto:
+            raise StaleIndexError(stale_message(path, directory, changed))
+        shard_set.stale = changed
+    return shard_set
 
 
 def _shard_set(index: dict, where, directory, remote: Remote | None) -> ShardSet:
     if index.get("version") != 1:
         raise ValueError(f"{where}: unknown index version {index.get('version')!r}")
     url_remote = (remote or Remote()) if is_url(directory) else None
-    return ShardSet(directory, index["shards"], index.get("text_key", "text"), url_remote)
+    text_key = index.get("text_key", "text")
+    return ShardSet(directory, index["shards"], text_key, url_remote, index.get("auto", False))

@@ -18,14 +18,21 @@ The index (``data_pipeline.index``) is built when missing, with progress: a dire
 ``DIR/index.json`` when the directory is writable (what ``make-shards`` writes); for patterns,
 single tars, read-only directories, or when ``beside=False`` (evaluation never writes into a
 user's folders), ``index-<key>.json`` in the cache directory (``$OMNI_DS_CACHE``, else
-``$XDG_CACHE_HOME/omni-ds``, else ``~/.cache/omni-ds``), keyed by the shards' paths, sizes and
-modification times and the text key, so a changed shard is re-indexed. Ranks that open the same
-source at once build it once (a file lock); the others read what it wrote.
+``$XDG_CACHE_HOME/omni-ds``, else ``~/.cache/omni-ds``), keyed by the shards' paths and the text
+key. Ranks that open the same source at once build it once (a file lock); the others read what it
+wrote.
+
+A shard rewritten in place after it was indexed (``data_pipeline.index.changed_shards``: its
+size, or its modification time and content) is re-indexed when the index is one built here: only
+the changed shards are scanned again, and a line names them. A stale index that a user wrote
+(``make-shards``, ``synth``, ``--index-only``) is refused rather than guessed at
+(``StaleIndexError``, naming the shard and ``omni-ds make-shards --index-only DIR``).
 
 A URL (``s3://``, ``https://``, ``http://``; ``data_pipeline.remote``) names the same forms; a
 folder URL whose ``index.json`` exists is read from that index alone (an HTTP server need not list
 folders), and an index that is missing is built by downloading each shard once, into the cache
-(nothing is written to the store), keyed by the shards' URLs, sizes and ETags.
+(nothing is written to the store), keyed by the shards' URLs, sizes and ETags (so a changed
+object is indexed afresh; an ``index.json`` on the store is trusted as it is).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from data_pipeline import remote as urls
@@ -163,10 +171,9 @@ def _cache_key(paths: list[Path] | list[str], text_key: str, remote: Remote) -> 
                 (info[k] for k in ("ETag", "LastModified", "Last-Modified") if k in info), None
             )
             stats.append([p, info.get("size"), str(version)])
-            continue
-        st = p.stat()
-        stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps([1, text_key, stats]).encode()).hexdigest()[:24]
+        else:  # local shards: their index entries are checked on load (module docstring)
+            stats.append(str(p.resolve()))
+    return hashlib.sha256(json.dumps([2, text_key, stats]).encode()).hexdigest()[:24]
 
 
 @contextlib.contextmanager
@@ -197,7 +204,7 @@ def index_location(
         return cache_dir() / f"index-{_cache_key(paths, text_key, remote)}.json"
     own = _local_path(str(spec))
     if not is_pattern(spec) and own.is_dir():
-        if (own / INDEX_FILE).is_file() and load_index(own).text_key == text_key:
+        if (own / INDEX_FILE).is_file() and load_index(own, check=False).text_key == text_key:
             return own / INDEX_FILE
         if beside and text_key == "text" and os.access(own, os.W_OK):
             return own / INDEX_FILE
@@ -212,23 +219,59 @@ def _base_dir(paths: list[Path] | list[str]) -> Path | str:
     return Path(os.path.commonpath([str(p.absolute()) for p in paths]))
 
 
+def _names(directory: Path | str, paths: list) -> list[str]:
+    if is_url(directory):
+        return [urls.relative(u, directory) for u in paths]
+    return [os.path.relpath(p, directory) for p in paths]
+
+
 def _valid(
     where: Path, directory: Path | str, paths: list, text_key: str, remote: Remote | None = None
 ) -> ShardSet | None:
-    """The index at ``where`` if it indexes ``paths`` with ``text_key``, else None. An index
-    lists the shards it was built from: one that lacks a shard now present is rebuilt (shards
-    added later); shards gone since are read as missing (``missing_shard``)."""
+    """The index at ``where`` if it indexes ``paths`` with ``text_key`` as they are now, else
+    None. An index lists the shards it was built from: one that lacks a shard now present is
+    rebuilt (shards added later), as is an automatic one with shards changed since; shards gone
+    since are read as missing (``missing_shard``). A user's stale index raises."""
     if not where.is_file():
         return None
     shard_set = load_index(directory, where, remote)
     names = {s["name"] for s in shard_set.shards}
-    if is_url(directory):
-        wanted = [urls.relative(u, directory) for u in paths]
-    else:
-        wanted = [os.path.relpath(p, directory) for p in paths]
-    if shard_set.text_key != text_key or any(n not in names for n in wanted):
+    wanted = _names(directory, paths)
+    if shard_set.text_key != text_key or shard_set.stale or any(n not in names for n in wanted):
         return None
     return shard_set
+
+
+def _reusable(where: Path, directory: Path | str, text_key: str, remote, progress: bool) -> dict:
+    """name -> entry of the index at ``where`` for the shards unchanged since it was built; with
+    ``progress``, one line names the changed ones."""
+    if not where.is_file():
+        return {}
+    old = load_index(directory, where, remote)
+    if old.text_key != text_key:
+        return {}
+    if old.stale and progress:
+        listed = ", ".join(f"{n} ({what})" for n, what in list(old.stale.items())[:3])
+        more = f" and {len(old.stale) - 3} more" if len(old.stale) > 3 else ""
+        print(f"{where}: {len(old.stale)} of {len(old.shards)} shards changed since they were "
+              f"indexed, re-indexing them: {listed}{more}", file=sys.stderr, flush=True)  # fmt: skip
+    return {s["name"]: s for s in old.shards if s["name"] not in old.stale}
+
+
+def _build(directory, paths: list, text_key: str, progress: bool, remote, keep: dict) -> list[dict]:
+    """Index entries of ``paths``: those in ``keep`` as they are, the others scanned; local
+    entries record the shard's modification time, taken before it is read."""
+    names = _names(directory, paths)
+    mtimes = {n: p.stat().st_mtime_ns for p, n in zip(paths, names) if not is_url(p)}
+    todo = [p for p, n in zip(paths, names) if n not in keep]
+    scanned = iter(scan_shards(directory, todo, text_key, progress, remote))
+    out = []
+    for n in names:
+        entry = dict(keep[n]) if n in keep else next(scanned)
+        if n in mtimes:
+            entry["mtime_ns"] = mtimes[n]
+        out.append(entry)
+    return out
 
 
 def open_shards(
@@ -270,7 +313,8 @@ def open_shards(
     with _locked(where):
         shard_set = None if rebuild else _valid(where, directory, paths, text_key, remote)
         if shard_set is None:
-            shards = scan_shards(directory, paths, text_key, progress, remote)
-            write_index(directory, shards, text_key, path=where)
+            keep = {} if rebuild else _reusable(where, directory, text_key, remote, progress)
+            shards = _build(directory, paths, text_key, progress, remote, keep)
+            write_index(directory, shards, text_key, path=where, auto=not rebuild)
             shard_set = load_index(directory, where, remote)
         return shard_set

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from data_pipeline.index import StaleIndexError
 from data_pipeline.loader import DataError
 
 __all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "DataError"]
@@ -18,5 +19,5 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, resumed or resharded; the message says why and what to do."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, FileNotFoundError, StaleIndexError)
 """What ``omni-ds`` reports in one line (exit 2) rather than as a traceback."""

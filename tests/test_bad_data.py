@@ -79,11 +79,12 @@ def salted(tmp_path_factory) -> Path:
     (out / "shard-000000.tar").write_bytes(bytes(data))
     write_tar(out / "shard-000001.tar", [m for i in range(4, 8) for m in good(i)])
     write_tar(out / "shard-000002.tar", [m for i in range(8, 11) for m in good(i)])
-    index_directory(out)
-    train_tokenizer([out], out / "tokenizer", 64)
-    # After indexing: the last member of shard 1 is cut short and shard 2 disappears.
+    # The last member of shard 1 is cut short (a truncated tar: the scan flags it), and after
+    # indexing shard 2 disappears.
     cut = (out / "shard-000001.tar").read_bytes()
     (out / "shard-000001.tar").write_bytes(cut[: cut.rindex(b"train-000007.json") + 520])
+    index_directory(out)
+    train_tokenizer([out], out / "tokenizer", 64)
     (out / "shard-000002.tar").unlink()
     return out
 
@@ -256,3 +257,48 @@ def test_bad_input_mix_from_a_manifest_keeps_every_good_sample_and_names_every_b
         assert len(got[key]) == 16000
         middle = slice(400, 15600)  # away from the resampler's edges
         np.testing.assert_allclose(got[key][middle], tone(1.0, 16000, freq)[middle], atol=2e-3)
+
+
+PLANTED = {"corrupt_audio": 2, "silent_audio": 1, "empty_text": 1}
+"""Planted in ``planted``: garbage (refused by the index scan) and a cut-off FLAC (by the reader),
+digital silence under a transcript, an empty transcript."""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_metrics_log_counts_the_planted_skips_by_reason_over_ranks_and_a_resume(tmp_path):
+    from harness import run_command
+
+    from omni_ds.train.metrics import read_metrics
+
+    out = tmp_path / "planted"
+    out.mkdir()
+    flac = good(0)[0][1]
+    planted = [
+        ("garbage.flac", bytes(range(256)) * 8), ("garbage.json", label("noise")),
+        ("cut.flac", flac[: len(flac) // 2]), ("cut.json", label("cut off")),
+        ("quiet.flac", audio_bytes(np.zeros(16000, np.int16))), ("quiet.json", label("quiet")),
+        ("blank.flac", flac), ("blank.json", label("")),
+    ]  # fmt: skip
+    members = [m for i in range(8) for m in good(i)]
+    write_tar(out / "shard-000000.tar", members[:8] + planted + members[8:])
+    train_tokenizer([out], tmp_path / "tok", 64)
+    cfg = DataConfig(train=[out], max_duration=5.0, max_batch_seconds=6.0, num_workers=0)
+    epoch = len(SpeechLoader(cfg, rank=0, world_size=2))
+    assert epoch >= 2
+    options = [
+        f"train.run_dir={tmp_path / 'run'}", f"data.train=[{out}]", "data.dev={}",
+        f"data.tokenizer={tmp_path / 'tok.model'}", "data.max_duration=5", "data.max_batch_seconds=6",
+        "data.num_workers=0", "deepspeed=ds_configs/zero1_fp32.json", "model.n_layers=1",
+        "train.log_every=1", "train.progress_bar=false", "checkpoint.every_steps=1",
+    ]  # fmt: skip
+    argv = ["omni-ds", "train", "configs/tiny.yaml", *[a for o in options for a in ("--set", o)]]
+    # One step, then a resume to the end of the epoch: the counts continue from the checkpoint.
+    run_command([*argv, "--set", "train.max_steps=1"], 2)
+    (rank0, _) = run_command([*argv, "--set", f"train.max_steps={epoch}", "--resume", "auto"], 2)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["step"] == epoch
+    skipped = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("skipped/")}
+    bookkeeping = {"filler_batches", "rank_remainder"}
+    assert {k: v for k, v in skipped.items() if k not in bookkeeping} == PLANTED
+    assert f"skipped {sum(skipped.values())}" in rank0.stderr

@@ -27,14 +27,16 @@ def flac(seconds: float, seed: int) -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), pcm
 
 
-def write_wds(out: Path, n: int, label: str = "json", per_shard: int = 3, text_key="text"):
-    """``n`` samples in ``out/shard-%06d.tar`` by webdataset.ShardWriter; returns key -> pcm."""
+def write_wds(out: Path, n: int, label: str = "json", per_shard: int = 3, text_key="text",
+              first: int = 0):  # fmt: skip
+    """``n`` samples (``first`` on) in ``out/shard-%06d.tar`` by webdataset.ShardWriter;
+    returns key -> pcm."""
     import webdataset as wds
 
     out.mkdir(parents=True, exist_ok=True)
     audio = {}
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(n):
+        for i in range(first, first + n):
             data, pcm = flac(0.5 + 0.1 * i, i)
             key = f"utt{i:03d}"
             audio[key] = pcm

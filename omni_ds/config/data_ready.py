@@ -4,7 +4,8 @@ For every source of ``data.train`` and ``data.dev`` (``data_pipeline.sources``: 
 directories, tars, brace patterns, globs; dev sets also take the corpora ``omni-ds eval`` reads):
 
 * it exists and names shards, and is indexed or indexable: a missing index is built here, where
-  ``omni-ds train`` would build it (so the run itself then finds it);
+  ``omni-ds train`` would build it (so the run itself then finds it), as is an automatic one whose
+  shards changed since; a user's index whose shards changed since is refused, naming the shard;
 * it leaves usable samples after the filters (training sources) or at all (dev sets);
 * the tokenizer covers its transcripts: on up to :data:`COVERAGE_SAMPLE` of them, spread over the
   source, the share whose targets hold ``<unk>`` must stay within ``data.max_unk_rate``;
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.audio import AudioError
+from data_pipeline.index import StaleIndexError
 from data_pipeline.loader import no_usable_samples
 from data_pipeline.ordered import open_source
 from data_pipeline.plan import Catalog, apply_filters
@@ -84,7 +86,7 @@ def coverage_problem(
 def _train_source(key: str, spec: str, cfg: ExperimentConfig, tokenizer) -> list[str]:
     try:
         shard_set = open_shards(spec, cfg.data.text_key, remote=cfg.data.remote())
-    except SourceError as e:
+    except (SourceError, StaleIndexError) as e:
         return [f"{key}: {e}"]
     catalog = Catalog.from_sets([shard_set])
     kept, reasons = apply_filters(catalog, cfg.data)
