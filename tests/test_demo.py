@@ -108,6 +108,10 @@ def test_report_verdicts_follow_the_intervals_including_where_omni_loses(tmp_pat
            "omni": {"omni": {"ctc": 0.6}}}  # fmt: skip
     line = training_findings(ctc)[0]
     assert "lowest first: switch 0.500, omni 0.600, dense 0.900" in line and "not so here" in line
+    assert len(training_findings(ctc)) == 1  # no run stalled
+    ctc["switch"]["switch-s1"] = {"ctc": 2.1}  # a seed that did not learn
+    stalled = training_findings(ctc)[1]
+    assert "1 of 4 runs did not learn" in stalled and "`switch-s1` 2.100 (2.8x)" in stalled
 
     # The whole report of a two-seed demo (no routing analysis here): tables, CTC, logged dev WER.
     out = tmp_path / "demo"

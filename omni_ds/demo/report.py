@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from omni_ds.eval.wer import EvalReport
 
 ROUTERS = ("dense", "switch", "omni")
 CTC_LAST = 5
+STALL_FACTOR = 2.0
+"""A run whose final training CTC exceeds this multiple of the median over all runs is named as
+one that did not learn (a stalled seed), so its recipe's mean is not read as the recipe's."""
 """Training CTC is compared as the mean of the last this many logged steps."""
 
 
@@ -224,7 +228,18 @@ def training_findings(summaries: dict[str, dict[str, dict]]) -> list[str]:
             + ("so here too." if mean["omni"] < mean["switch"] else "not so here.")
             + " (The logged `loss` of the MoE models adds the balance term; only `ctc` is "
             "compared.)")  # fmt: skip
-    return [line]
+    every = {name: s["ctc"] for runs in summaries.values() for name, s in runs.items()}
+    median = statistics.median(every.values())
+    stalled = {n: c for n, c in every.items() if c > STALL_FACTOR * median}
+    if not stalled:
+        return [line]
+    return [line, (
+        f"- **{len(stalled)} of {len(every)} runs did not learn** (final training CTC over "
+        f"{STALL_FACTOR:g}x the median {median:.3f} of all runs): "
+        + ", ".join(f"`{n}` {c:.3f} ({c / median:.1f}x)" for n, c in stalled.items())
+        + ". Such a seed drags its recipe's mean and widens its intervals above; whether one "
+        "recipe stalls more often than another takes more seeds (docs/research.md counts the "
+        "study's stalls).")]  # fmt: skip
 
 
 def write_report(
