@@ -58,6 +58,7 @@ def test_short_demo_runs_end_to_end_then_reuses_every_stage(tmp_path):
             assert (out / "analysis" / router / f"{plot}.png").stat().st_size > 1000
             assert f"(analysis/{router}/{plot}.png)" in report
     assert "| `omni` vs `dense` |" in first.stdout and "| `omni` vs `switch` |" in report
+    assert "**One seed per router:** the intervals below resample test utterances only" in report
     assert first.stdout.count("[demo ") == 22 and "reused" not in first.stdout
 
     second = demo(out)

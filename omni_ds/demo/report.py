@@ -89,6 +89,13 @@ def wer_findings(res: EvalResults) -> list[str]:
         + f"Clean-dev WER ({seeds}): " + ", ".join(f"{r} {_pct(w)}" for r, w in dev.items())
         + " (an untrained model scores ~100%)."
     ]  # fmt: skip
+    if runs == 1:
+        lines.append(
+            "- **One seed per router:** the intervals below resample test utterances only, not "
+            "training seeds, and seed-to-seed differences can be larger than the gaps between "
+            "routers (docs/research.md). `omni-ds demo --seeds 2` (about twice the training "
+            "time) groups seeds into mean ± std and puts them in the intervals."
+        )
     mean = {r: g[r].mean_std("wer")[0] for r in ROUTERS}
     ranked = sorted(ROUTERS, key=mean.__getitem__)
     averaged = g["omni"].runs[0].averaged
