@@ -96,7 +96,11 @@ def child(mode: str, src: str, out: str) -> None:
 
 
 def run_child(mode: str, src: Path, out: Path) -> int:
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    # The caller's PYTHONPATH stays behind the repository: it may hold the dependencies.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *inherited]), DS_ACCELERATOR="cpu"
+    )
     cmd = [sys.executable, __file__, "--child", mode, str(src), str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak"]

@@ -61,6 +61,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pythonpath(*first: Path) -> str:
+    """``PYTHONPATH`` for a child Python: ``first`` (default: the repository), then the caller's
+    own entries, which hold the dependencies where they were installed with ``pip install
+    --target`` (``benchmarks/gpu_check.sh`` on the GPU machine)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([*(str(p) for p in first or (REPO,)), *inherited])
+
+
 def rank_environ(
     rank: int, nprocs: int, port: int, nodes: int = 1, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -78,7 +86,7 @@ def rank_environ(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=child_pythonpath(REPO, TESTS),
     )
     env.update(extra or {})
     return env

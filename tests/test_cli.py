@@ -7,14 +7,12 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from harness import child_pythonpath
 
 from omni_ds import __version__
 from omni_ds.cli import build_parser, main, take_local_rank
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -41,7 +39,7 @@ def test_package_and_parser_import_neither_torch_nor_deepspeed():
         "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))"
     )
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = child_pythonpath()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=60)  # fmt: skip
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from harness import run_function
+from harness import child_pythonpath, run_function
 from synth_speech import utterance
 
 from omni_ds.cli import main
@@ -133,7 +133,7 @@ def readme_example_equals_transcribe(work: Path, model: Path, files, greedy, bea
     (work / "a.flac").write_bytes(files[0].read_bytes())
     wave, rate = sf.read(files[1])
     sf.write(work / "b.wav", wave, rate, subtype="PCM_24")  # another container, the same samples
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
     done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import child_pythonpath
 
 pytest.importorskip("wandb")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -106,7 +107,7 @@ def run(tmp_path_factory):
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # fmt: skip
+               OMP_NUM_THREADS="1", PYTHONPATH=child_pythonpath())  # fmt: skip
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     argv = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
             "omni_ds.cli", "train", "configs/tiny.yaml",

@@ -12,10 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from harness import child_pythonpath
 
 from omni_ds.train.run_lock import LOCK_FILE, RunDirInUse, RunLock
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _holder(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
@@ -27,7 +26,7 @@ def _holder(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
         print("locked", flush=True)
         time.sleep(600)
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})}
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     assert p.stdout.readline().strip() == "locked"
     return p
