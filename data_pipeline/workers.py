@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import weakref
@@ -23,10 +24,15 @@ from collections.abc import Iterator
 
 import torch
 
+_STOPS = (signal.SIGUSR1, signal.SIGTERM)
+
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for s in _STOPS:
+        signal.signal(s, signal.SIG_IGN)
+    # Blocked since the fork server started (see _ensure_fork_server); a stop signal that came
+    # while torch's SIGTERM handler was in place is pending, and is discarded here, unseen.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     torch.set_num_threads(1)
 
 
@@ -39,15 +45,21 @@ _WORKER_CONTEXT.set_forkserver_preload(["data_pipeline.reader"])
 
 
 def _ensure_fork_server() -> None:
-    """Start the fork server with the stop signals ignored (kept across its exec and inherited
-    by every worker), so SIGUSR1/SIGTERM sent to the trainer's process group reach the trainer
-    alone."""
-    stops = (signal.SIGUSR1, signal.SIGTERM)
-    old = [signal.signal(s, signal.SIG_IGN) for s in stops]
+    """Start the fork server with the stop signals ignored and blocked (both kept across its exec
+    and inherited by every worker), so SIGUSR1/SIGTERM sent to the trainer's process group (SLURM
+    signals every process of a step) reach the trainer alone. Ignoring is not enough: a worker's
+    first act is torch's ``_set_worker_signal_handlers``, whose SIGTERM handler exits unless the
+    parent sent it, so a SIGTERM landing before ``_ignore_stop_signals`` ran killed the worker
+    (seen: every worker of 10 epochs under a burst of SIGTERMs) and the trainer with it."""
+    # The resource tracker first: it unblocks SIGINT/SIGTERM in this thread after its own start.
+    multiprocessing.resource_tracker.ensure_running()
+    old = [signal.signal(s, signal.SIG_IGN) for s in _STOPS]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        for s, handler in zip(stops, old):
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, handler in zip(_STOPS, old):
             signal.signal(s, handler)
 
 

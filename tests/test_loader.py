@@ -3,11 +3,15 @@ exact resume on any world size and worker count, bad data skipped and counted, s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing.forkserver
 import os
 import random
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,29 +200,42 @@ def _bytes_of(x: np.ndarray, rate: int, fmt: str, subtype: str) -> bytes:
 def _children(pid: int) -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{pid}/task"):
-        found |= set(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+        with contextlib.suppress(OSError):  # a thread that just ended
+            found |= set(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
     return found
 
 
-def test_workers_ignore_stop_signals(corpus):
+def _signal_fork_server_and_workers(stop: threading.Event) -> None:
+    """SIGUSR1 and SIGTERM, every millisecond, to the fork server and every process it forked:
+    what SLURM's preemption does to every process of a step, at any moment of a worker's life."""
+    while not stop.is_set():
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        for pid in {server, *_children(server)} if server else ():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        time.sleep(0.001)
+
+
+def test_workers_ignore_stop_signals_from_their_first_instant(corpus):
     loader = SpeechLoader(config(corpus, num_workers=2, max_batch_size=2), seed=0)
-    it = iter(loader)
-    batches = [next(it)]
-    # Workers are forked by a fork server, a child of ours; signal it and both workers.
-    servers = {c: _children(c) for c in _children(os.getpid()) if _children(c)}
-    workers = set().union(*servers.values())
-    assert len(servers) == 1 and len(workers) == 2
-    for pid in [*servers, *workers]:
-        os.kill(pid, signal.SIGUSR1)
-        os.kill(pid, signal.SIGTERM)
-    batches += list(it)
-    assert sum(len(b["keys"]) for b in batches) == 30
-    batches = list(loader)  # the next epoch starts new workers from the same server
-    assert sum(len(b["keys"]) for b in batches) == 30
+    stop = threading.Event()
+    signaller = threading.Thread(target=_signal_fork_server_and_workers, args=(stop,))
+    signaller.start()
+    try:
+        # Each epoch starts new workers from the same server, all of them under fire; with only
+        # SIG_IGN inherited, torch's worker SIGTERM handler killed both workers of every epoch.
+        for _ in range(3):
+            assert sum(len(b["keys"]) for b in loader) == 30
+    finally:
+        stop.set()
+        signaller.join()
 
 
 ABANDON = """
 import sys
+import threading
+import time
 from pathlib import Path
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import SpeechLoader
