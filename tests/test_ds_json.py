@@ -105,6 +105,24 @@ def test_micro_batch_other_than_one_is_refused_with_its_meaning(tmp_path, capsys
     assert "set gradient_accumulation_steps: 4" in text
 
 
+def test_a_micro_batch_derived_from_train_batch_size_and_accumulation_is_refused(tmp_path, capsys):
+    # DeepSpeed derives micro = 32 / (2 × 8) = 2 from these two keys: the same state as an
+    # explicit micro batch of 2, and the same misreading of train_batch_size as utterances.
+    path = _experiment(tmp_path, {"train_batch_size": 32, "gradient_accumulation_steps": 2})
+    data = json.loads((tmp_path / "ds.json").read_text())
+    data.pop("train_micro_batch_size_per_gpu", None)
+    (tmp_path / "ds.json").write_text(json.dumps(data))
+    code, out = _check(capsys, path, "--world-size", "8")
+    text = " ".join(out.split())
+    assert code == 2, out
+    assert "makes DeepSpeed's micro batch 32 / (2 × 8) = 2, which is not an utterance count" in text
+    assert "set train_batch_size: 16 (or remove it)" in text
+    data["train_batch_size"] = 16  # micro 1: what omni-ds trains, accepted as it is
+    (tmp_path / "ds.json").write_text(json.dumps(data))
+    code, out = _check(capsys, path, "--world-size", "8")
+    assert code == 0, out
+
+
 def test_train_batch_size_counting_loader_batches_is_spelled_out(tmp_path, capsys):
     _experiment(tmp_path, {"train_batch_size": 8})
     data = json.loads((tmp_path / "ds.json").read_text())

@@ -152,6 +152,18 @@ def check_batch_keys(ds: dict, world_size: int, max_batch_seconds: float) -> tup
     total = ds.get("train_batch_size")
     gas = ds.get("gradient_accumulation_steps")
     batch = f"data.max_batch_seconds ({max_batch_seconds:g} s of audio)"
+    derived = micro is None and _number(total) and _number(gas) and total % (gas * world_size) == 0
+    if derived and total // (gas * world_size) != 1:
+        micro = total // (gas * world_size)
+        return [
+            f"deepspeed: train_batch_size: {total} with gradient_accumulation_steps {gas} at "
+            f"world size {world_size} makes DeepSpeed's micro batch {total} / ({gas} × "
+            f"{world_size}) = {micro}, which is not an utterance count in omni-ds: one micro "
+            f"batch is one duration-bucketed loader batch of up to {batch}, however many "
+            f"utterances fit, and each step accumulates {gas} of them per rank whatever "
+            f"train_batch_size says; set train_batch_size: {gas * world_size} (or remove it) "
+            "and size batches with data.max_batch_seconds"
+        ], []
     if _number(micro) and micro != 1:
         if _number(total) and gas is None and total % (micro * world_size) == 0:
             steps = total // (micro * world_size)
