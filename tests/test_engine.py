@@ -4,11 +4,14 @@ expert once under expert parallelism (DeepSpeed issue 8475)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from harness import run_function
+from harness import child_pythonpath, run_function
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +75,15 @@ def train_configs(names: tuple[str, ...], steps: int) -> dict[str, tuple[float, 
             engine.step()
         results[name] = (before, eval_loss())
     dist.shutdown()
-    return results
+    return results, _muon_compiled()
+
+
+def _muon_compiled() -> bool:
+    """Whether DeepSpeed's Muon kernels were wrapped by ``torch.compile`` (which imports
+    Inductor), and so whether anything was compiled for an optimizer that is not Muon."""
+    from deepspeed.runtime.zero.muon import original_muon
+
+    return hasattr(original_muon.zeropower_via_newtonschulz5, "_torchdynamo_orig_callable")
 
 
 @pytest.mark.distributed
@@ -80,7 +91,8 @@ def test_shipped_configs_train_an_expert_parallel_moe():
     """Each shipped JSON but fp16 (DeepSpeed's CPU accelerator refuses it; check-config
     validates it) trains a 2-rank ep_size=2 MoE: the held-out loss falls."""
     results = run_function(train_configs, nprocs=2, args=(SHIPPED_ON_CPU, 12), timeout=300)
-    for per_rank in results:
+    for per_rank, muon_compiled in results:
+        assert not muon_compiled  # AdamW engines: DeepSpeed's Muon probe compiled nothing
         assert per_rank.keys() == set(SHIPPED_ON_CPU)
         for name, (before, after) in per_rank.items():
             assert after < 0.8 * before, (name, before, after)
@@ -125,3 +137,17 @@ def test_grad_norm_is_the_same_whether_experts_are_split_or_replicated():
             assert all(n > 0 for n in norms[stage, 1])
             assert norms[stage, 2] == pytest.approx(norms[stage, 1], rel=1e-5), stage
     assert results[0] == results[1]
+
+
+def test_a_muon_json_keeps_deepspeeds_compiled_muon_kernels():
+    code = (
+        "import os\n"
+        "from omni_ds.train.engine import _import_muon_uncompiled\n"
+        "from test_engine import _muon_compiled\n"
+        "_import_muon_uncompiled({'optimizer': {'type': 'Muon', 'params': {'lr': 0.02}}})\n"
+        "print(_muon_compiled(), 'TORCHDYNAMO_DISABLE' in os.environ)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(REPO, REPO / "tests")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout  # fmt: skip
+    assert out.split()[-2:] == ["True", "False"]

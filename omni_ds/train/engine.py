@@ -11,6 +11,7 @@ of the whole world.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -63,11 +64,30 @@ def moe_param_groups(model: torch.nn.Module) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(dense)
 
 
+def _import_muon_uncompiled(ds_config: dict) -> None:
+    """Import DeepSpeed's Muon optimizer with its ``torch.compile`` decorators left as no-ops,
+    unless the JSON asks for Muon. Every ZeRO start imports it (``is_zero_supported_optimizer``
+    adds it to the optimizers ZeRO accepts), and the decorators import Inductor, which nothing
+    else here uses: 2.5 s of a 4-step 2-rank run of configs/tiny.yaml on 2 CPU cores (15.4 s ->
+    12.9 s)."""
+    optimizer = str((ds_config.get("optimizer") or {}).get("type", ""))
+    if "muon" in optimizer.lower() or "TORCHDYNAMO_DISABLE" in os.environ:
+        return
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it decorates
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon: nothing to skip
+        pass
+    finally:
+        del os.environ["TORCHDYNAMO_DISABLE"]
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict):
     """``deepspeed.initialize`` with MoE parameter groups; returns the engine (optimizer and
     scheduler live inside it, built from the JSON)."""
     import deepspeed
 
+    _import_muon_uncompiled(ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=moe_param_groups(model), config=ds_config
     )
