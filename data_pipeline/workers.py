@@ -30,8 +30,8 @@ _STOPS = (signal.SIGUSR1, signal.SIGTERM)
 def _ignore_stop_signals(_worker_id: int) -> None:
     for s in _STOPS:
         signal.signal(s, signal.SIG_IGN)
-    # Blocked since the fork server started (see _ensure_fork_server); a stop signal that came
-    # while torch's SIGTERM handler was in place is pending, and is discarded here, unseen.
+    # Blocked since the fork server started (see _ensure_fork_server): a stop signal that came
+    # before this point is pending, and ignoring it discards it.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     torch.set_num_threads(1)
 
@@ -45,22 +45,22 @@ _WORKER_CONTEXT.set_forkserver_preload(["data_pipeline.reader"])
 
 
 def _ensure_fork_server() -> None:
-    """Start the fork server with the stop signals ignored and blocked (both kept across its exec
-    and inherited by every worker), so SIGUSR1/SIGTERM sent to the trainer's process group (SLURM
-    signals every process of a step) reach the trainer alone. Ignoring is not enough: a worker's
-    first act is torch's ``_set_worker_signal_handlers``, whose SIGTERM handler exits unless the
-    parent sent it, so a SIGTERM landing before ``_ignore_stop_signals`` ran killed the worker
-    (seen: every worker of 10 epochs under a burst of SIGTERMs) and the trainer with it."""
+    """Start the fork server with the stop signals blocked (the mask survives its exec and every
+    fork), so SIGUSR1/SIGTERM sent to the trainer's process group (SLURM signals every process of
+    a step) reach the trainer alone: the server never takes them, and a worker discards them in
+    ``_ignore_stop_signals``. Ignoring them in the server would not do: a worker's first act is
+    torch's ``_set_worker_signal_handlers``, whose SIGTERM handler exits unless the parent sent
+    the signal, so one landing before ``_ignore_stop_signals`` killed the worker (seen: every
+    worker of 10 epochs under a burst of SIGTERMs) and the trainer with it. Only this thread
+    blocks them, and only meanwhile: one meant for the trainer is pending or taken by another
+    of its threads, never lost."""
     # The resource tracker first: it unblocks SIGINT/SIGTERM in this thread after its own start.
     multiprocessing.resource_tracker.ensure_running()
-    old = [signal.signal(s, signal.SIG_IGN) for s in _STOPS]
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for s, handler in zip(_STOPS, old):
-            signal.signal(s, handler)
 
 
 # Workers ignore SIGTERM, so neither torch's fallback (``terminate()``) nor multiprocessing's exit

@@ -9,6 +9,7 @@ import multiprocessing.forkserver
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import run_function, start_command
+from harness import child_pythonpath, run_function, start_command
 
 from data_pipeline.config import DataConfig
 from data_pipeline.index import index_directory, load_index
@@ -230,6 +231,29 @@ def test_workers_ignore_stop_signals_from_their_first_instant(corpus):
     finally:
         stop.set()
         signaller.join()
+
+
+STARTING_SERVER = """
+import multiprocessing.forkserver, os, signal
+from data_pipeline import workers
+seen = []
+signal.signal(signal.SIGTERM, lambda *_: seen.append("SIGTERM"))
+real = multiprocessing.forkserver.ensure_running
+def ensure_running():  # SLURM's SIGTERM, arriving while the fork server starts
+    os.kill(os.getpid(), signal.SIGTERM)
+    real()
+multiprocessing.forkserver.ensure_running = ensure_running
+workers._ensure_fork_server()
+print(seen, signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN,
+      signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+def test_a_stop_signal_while_the_fork_server_starts_reaches_the_trainer():
+    env = {**os.environ, "PYTHONPATH": child_pythonpath()}
+    out = subprocess.run([sys.executable, "-c", STARTING_SERVER], env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.split("\n")[0] == "['SIGTERM'] True set()"
 
 
 ABANDON = """
