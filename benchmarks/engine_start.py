@@ -52,7 +52,7 @@ print(json.dumps({"seconds": seconds, "inductor": any(m == "torch._inductor.comp
 def start_once(config: Path, ds: Path, variant: str) -> dict:
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
     out = subprocess.run([sys.executable, "-c", CHILD, str(config), str(ds), variant], env=env,
                          capture_output=True, text=True, check=True, cwd=REPO).stdout  # fmt: skip
