@@ -41,6 +41,7 @@ def _train(cfg: MoEConfig, checkpoint: str | None) -> dict:
     from deepspeed.utils import groups, safe_get_full_grad
 
     from omni_ds.dist import distributed
+    from omni_ds.train.engine import _import_muon_uncompiled
 
     with distributed() as info:
         torch.set_num_threads(1)
@@ -54,16 +55,16 @@ def _train(cfg: MoEConfig, checkpoint: str | None) -> dict:
         reference = MoEStack(dataclasses.replace(cfg, ep_size=1), layers=2).state_dict()
         for name, value in model.state_dict().items():
             assert torch.equal(value, reference[names.get(name, name)]), name
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 2 // world,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+            "zero_optimization": {"stage": 2},
+            "gradient_clipping": 0.0,
+        }
+        _import_muon_uncompiled(config)  # as build_engine does: no Inductor import at start-up
         engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.parameters(),
-            config={
-                "train_micro_batch_size_per_gpu": 2,
-                "gradient_accumulation_steps": 2 // world,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-                "zero_optimization": {"stage": 2},
-                "gradient_clipping": 0.0,
-            },
+            model=model, model_parameters=model.parameters(), config=config
         )
         assert groups._get_expert_parallel_rank(f"ep_size_{cfg.ep_size}") == ep_rank
         losses, routers, grads = [], [], []
